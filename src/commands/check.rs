@@ -1,0 +1,120 @@
+//! `fieldgate check`: the config is valid; this is the poll plan and what it
+//! costs on the wire.
+
+use std::time::Duration;
+
+use crate::commands::human;
+use crate::config::{Bus, BusMode, Config, Parity};
+use crate::poll::plan::{self, TURNAROUND};
+
+/// Bus time needed per second of wall time, as a fraction (1.0 = full).
+pub fn bus_load(config: &Config, bus: &Bus) -> f64 {
+    config
+        .devices_on(&bus.name)
+        .map(|d| {
+            let blocks = plan::plan(&d.points, bus);
+            plan::cycle_time(bus, &blocks).as_secs_f64() / d.poll.as_secs_f64()
+        })
+        .sum()
+}
+
+fn line_settings(bus: &Bus) -> String {
+    let parity = match bus.parity {
+        Parity::None => 'N',
+        Parity::Even => 'E',
+        Parity::Odd => 'O',
+    };
+    format!("{} {}{}{}", bus.baud, bus.data_bits, parity, bus.stop_bits)
+}
+
+/// The report `check` prints; returns it with the number of warnings.
+pub fn report(config: &Config, source: &str) -> (String, usize) {
+    let mut out = String::new();
+    let mut warnings = 0;
+    let points: usize = config.devices.iter().map(|d| d.points.len()).sum();
+    out += &format!(
+        "{source}: OK ({} buses, {} devices, {points} points, {} commands, {} streams)\n",
+        config.buses.len(),
+        config.devices.len(),
+        config.commands.len(),
+        config.streams.len()
+    );
+    if config.platform.is_none() {
+        out += "note: no [platform] section: `read`, `scan` and `simulate` work, `run` does not\n";
+    }
+    for bus in &config.buses {
+        out += &format!(
+            "\nbus {} on {} at {}, timeout {}, retries {}{}\n",
+            bus.name,
+            bus.port,
+            line_settings(bus),
+            human(bus.timeout),
+            bus.retries,
+            if bus.mode == BusMode::Transparent { ", transparent" } else { "" }
+        );
+        let mut cycle_all = Duration::ZERO;
+        for device in config.devices_on(&bus.name) {
+            let blocks = plan::plan(&device.points, bus);
+            let cycle = plan::cycle_time(bus, &blocks);
+            cycle_all += cycle;
+            out += &format!(
+                "  device {} (unit {}, every {}): {} points in {} requests, {} per cycle = {:.1}% of its interval\n",
+                device.name,
+                device.unit,
+                human(device.poll),
+                device.points.len(),
+                blocks.len(),
+                human(cycle),
+                100.0 * cycle.as_secs_f64() / device.poll.as_secs_f64()
+            );
+            for block in &blocks {
+                let names: Vec<&str> = block
+                    .points
+                    .iter()
+                    .map(|&i| device.points[i].name.as_str())
+                    .collect();
+                let (fc, unit) = match block.area {
+                    crate::config::Area::Coil => ("FC01", "bits"),
+                    crate::config::Area::Discrete => ("FC02", "bits"),
+                    crate::config::Area::Input => ("FC04", "registers"),
+                    crate::config::Area::Holding => ("FC03", "registers"),
+                };
+                out += &format!(
+                    "    {fc} {:<8} {:>5} +{:<4} {:<9} {}\n",
+                    block.area.as_str(),
+                    block.start,
+                    block.count,
+                    unit,
+                    names.join(", ")
+                );
+            }
+            if cycle > device.poll {
+                warnings += 1;
+                out += &format!(
+                    "  warning: one poll of {} takes {}, longer than its interval {}\n",
+                    device.name,
+                    human(cycle),
+                    human(device.poll)
+                );
+            }
+        }
+        let load = bus_load(config, bus);
+        if cycle_all > Duration::ZERO {
+            out += &format!(
+                "  bus time: {} per round of all devices; {:.1}% of the bus in use (estimate: wire time + 2 x 3.5-char gaps + {} turnaround per request)\n",
+                human(cycle_all),
+                100.0 * load,
+                human(TURNAROUND)
+            );
+        }
+        if load > 1.0 {
+            warnings += 1;
+            out += &format!(
+                "  warning: bus {} is over budget: its devices need {:.0}% of the bus time; polls will run late. Raise baud, lengthen poll intervals or move devices to another bus.\n",
+                bus.name,
+                100.0 * load
+            );
+        }
+    }
+    (out, warnings)
+}

@@ -1,0 +1,41 @@
+//! The CLI subcommands other than `run`. Each takes a loaded config and
+//! prints for a person; errors go back to `main` for the exit code.
+
+pub mod check;
+pub mod demo;
+pub mod read;
+pub mod scan;
+pub mod simulate;
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+/// Bad usage (unknown device, bus or point named on the command line):
+/// exit code 2, like a bad config.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Usage(pub String);
+
+/// `1.2 ms`, `350 ms`, `2.5 s`: durations for people.
+pub fn human(d: Duration) -> String {
+    let ms = d.as_secs_f64() * 1000.0;
+    if ms < 10.0 {
+        format!("{ms:.2} ms")
+    } else if ms < 1000.0 {
+        format!("{ms:.1} ms")
+    } else {
+        format!("{:.2} s", ms / 1000.0)
+    }
+}
+
+/// Registers as hex words, `0x1234 0xABCD`.
+pub fn hex_words(regs: &[u16]) -> String {
+    let mut out = String::new();
+    for (i, r) in regs.iter().enumerate() {
+        if i > 0 {
+            out.push(' ');
+        }
+        let _ = write!(out, "{r:04X}");
+    }
+    out
+}

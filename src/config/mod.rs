@@ -1,0 +1,225 @@
+//! Configuration: reads the TOML register map, applies defaults and every rule
+//! of SPEC §3, and hands out a [`Config`] that is valid by construction.
+//! Errors point at file, line and column, like a compiler's.
+
+mod model;
+mod raw;
+
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+pub use model::*;
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(Located),
+}
+
+/// A message tied to a place in the source, rendered as
+/// `file:line:col: error: message` followed by the offending line.
+#[derive(Debug)]
+pub struct Located {
+    pub path: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+    source_line: String,
+}
+
+impl Located {
+    fn new(path: &Path, text: &str, span: Range<usize>, message: String) -> Self {
+        let start = span.start.min(text.len());
+        let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+        let line = text[..start].matches('\n').count() + 1;
+        let column = text[line_start..start].chars().count() + 1;
+        let source_line = text[line_start..]
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        Located {
+            path: path.to_path_buf(),
+            line,
+            column,
+            message,
+            source_line,
+        }
+    }
+}
+
+impl fmt::Display for Located {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.path.display(),
+            self.line,
+            self.column,
+            self.message
+        )?;
+        if !self.source_line.trim().is_empty() {
+            let gutter = self.line.to_string().len();
+            write!(
+                f,
+                "\n{:gutter$} |\n{} | {}\n{:gutter$} | {:>col$}",
+                "",
+                self.line,
+                self.source_line,
+                "",
+                "^",
+                col = self.column
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads and validates the config file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(path, &text)
+}
+
+/// Validates config `text`; `path` is only used in messages.
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let raw: raw::RawConfig = toml::from_str(text).map_err(|e| {
+        let span = e.span().unwrap_or(0..0);
+        ConfigError::Invalid(Located::new(path, text, span, e.message().trim().to_string()))
+    })?;
+    raw.into_config()
+        .map_err(|v| ConfigError::Invalid(Located::new(path, text, v.span, v.message)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[gateway]
+id = "gw"
+
+[[bus]]
+name = "b"
+port = "/dev/null"
+
+[[device]]
+name = "d"
+bus = "b"
+unit = 1
+
+[[device.point]]
+name = "v"
+area = "input"
+address = 0
+type = "u16"
+"#;
+
+    fn error_of(text: &str) -> Located {
+        match parse(Path::new("t.toml"), text) {
+            Err(ConfigError::Invalid(l)) => l,
+            other => panic!("expected an invalid config, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(Path::new("t.toml"), MINIMAL).unwrap();
+        let bus = &c.buses[0];
+        assert_eq!(bus.baud, 9600);
+        assert_eq!(bus.timeout.as_millis(), 500);
+        assert_eq!(bus.retries, 1);
+        assert_eq!(c.devices[0].report, Report::Always);
+        assert_eq!(c.buffer.max_bytes, 64 << 20);
+        assert_eq!(c.gateway.data_dir, Path::new("/var/lib/fieldgate"));
+    }
+
+    #[test]
+    fn errors_name_line_and_column() {
+        let text = MINIMAL.replace("unit = 1", "unit = 0");
+        let e = error_of(&text);
+        assert_eq!((e.line, e.column), (12, 8));
+        assert!(e.message.contains("1..247"), "{}", e.message);
+        let shown = e.to_string();
+        assert!(shown.starts_with("t.toml:12:8: "), "{shown}");
+        assert!(shown.contains("unit = 0"), "{shown}");
+    }
+
+    #[test]
+    fn every_rule_is_enforced() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("type = \"u16\"", "type = \"u16\"\nfoo = 1", "unknown field"),
+            ("bus = \"b\"", "bus = \"nope\"", "unknown bus"),
+            ("area = \"input\"", "area = \"coil\"", "must be \"bool\""),
+            ("type = \"u16\"", "type = \"u16\"\nwritable = true", "read-only"),
+            ("address = 0", "address = 65535\n", "past the end"),
+            ("address = 0", "address = -1", "outside 0..65535"),
+            ("name = \"v\"", "name = \"1v\"", "must match"),
+            ("type = \"u16\"", "type = \"string\"", "needs length"),
+            ("type = \"u16\"", "type = \"u16\"\nbit = 2", "type = \"bool\""),
+            ("poll = \"x\"", "", ""),
+        ];
+        for (from, to, expect) in cases {
+            if expect.is_empty() {
+                continue;
+            }
+            let text = MINIMAL.replace(from, to);
+            let address_case = to.contains("65535") && !text.contains("u32");
+            let text = if address_case {
+                text.replace("type = \"u16\"", "type = \"u32\"")
+            } else {
+                text
+            };
+            let e = error_of(&text);
+            assert!(e.message.contains(expect), "{to:?}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn durations_sizes_and_enums_are_checked() {
+        let e = error_of(&MINIMAL.replace("unit = 1", "unit = 1\npoll = \"fast\""));
+        assert!(e.message.contains("invalid duration"), "{}", e.message);
+        let e = error_of(&format!("{MINIMAL}\n[buffer]\nmax_bytes = \"lots\"\n"));
+        assert!(e.message.contains("invalid size"), "{}", e.message);
+        let e = error_of(&MINIMAL.replace("port = \"/dev/null\"", "port = \"/dev/null\"\nparity = \"mark\""));
+        assert!(e.message.contains("unknown variant"), "{}", e.message);
+    }
+
+    #[test]
+    fn attributes_are_unique_per_platform_device() {
+        let second = r#"
+[[device]]
+name = "d2"
+bus = "b"
+unit = 2
+
+[[device.point]]
+name = "v"
+area = "input"
+address = 0
+type = "u16"
+"#;
+        let e = error_of(&format!("{MINIMAL}{second}"));
+        assert!(e.message.contains("already defined"), "{}", e.message);
+        // The same attribute on a sub-device is a different platform device.
+        let keyed = second.replace("unit = 2", "unit = 2\nkey = \"k\"");
+        parse(Path::new("t.toml"), &format!("{MINIMAL}{keyed}")).unwrap();
+    }
+
+    #[test]
+    fn example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/fieldgate.toml");
+        let c = load(&path).unwrap();
+        assert!(!c.devices.is_empty());
+    }
+}

@@ -1,0 +1,337 @@
+//! The validated configuration: every value here has passed the rules of
+//! SPEC §3, so the rest of the daemon never re-checks it.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A Modbus slave id, 1..=247.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UnitId(u8);
+
+impl UnitId {
+    pub const MIN: u8 = 1;
+    pub const MAX: u8 = 247;
+
+    pub fn new(id: u8) -> Option<Self> {
+        (Self::MIN..=Self::MAX).contains(&id).then_some(Self(id))
+    }
+
+    pub fn get(self) -> u8 {
+        self.0
+    }
+}
+
+impl fmt::Display for UnitId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A 0-based Modbus protocol address (register 40001 = holding 0).
+pub type Address = u16;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub gateway: Gateway,
+    pub platform: Option<Platform>,
+    pub buffer: Buffer,
+    pub buses: Vec<Bus>,
+    pub devices: Vec<Device>,
+    pub commands: Vec<Command>,
+    pub streams: Vec<Stream>,
+}
+
+impl Config {
+    pub fn bus(&self, name: &str) -> Option<&Bus> {
+        self.buses.iter().find(|b| b.name == name)
+    }
+
+    pub fn device(&self, name: &str) -> Option<&Device> {
+        self.devices.iter().find(|d| d.name == name)
+    }
+
+    /// The devices polled on one bus, in config order.
+    pub fn devices_on<'a>(&'a self, bus: &'a str) -> impl Iterator<Item = &'a Device> + 'a {
+        self.devices.iter().filter(move |d| d.bus == bus)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    pub id: String,
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Platform {
+    pub profile: Profile,
+    pub host: String,
+    pub port: u16,
+    pub tls: Option<Tls>,
+    pub keep_alive: Duration,
+    /// Messages per second toward the platform; `None` means no cap.
+    pub max_publish_rate: Option<f64>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Profile {
+    ThingsCloud {
+        access_token: String,
+        project_key: String,
+    },
+    Generic {
+        username: Option<String>,
+        password: Option<String>,
+        topic_prefix: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Tls {
+    /// `None`: the system's root certificates.
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Buffer {
+    pub max_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parity {
+    None,
+    Even,
+    Odd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BusMode {
+    Rtu,
+    Transparent,
+}
+
+#[derive(Debug, Clone)]
+pub struct Bus {
+    pub name: String,
+    pub port: String,
+    pub baud: u32,
+    pub parity: Parity,
+    pub data_bits: u8,
+    pub stop_bits: u8,
+    pub timeout: Duration,
+    pub retries: u32,
+    pub delay: Duration,
+    pub mode: BusMode,
+}
+
+impl Bus {
+    /// Bits on the wire per character: start + data + parity + stop.
+    pub fn bits_per_char(&self) -> u32 {
+        1 + u32::from(self.data_bits)
+            + u32::from(self.parity != Parity::None)
+            + u32::from(self.stop_bits)
+    }
+
+    /// Time to send `bytes` characters at the configured baud.
+    pub fn char_time(&self, bytes: usize) -> Duration {
+        let bits = bytes as u64 * u64::from(self.bits_per_char());
+        Duration::from_nanos(bits * 1_000_000_000 / u64::from(self.baud.max(1)))
+    }
+
+    /// The 3.5-character silent interval that delimits RTU frames; fixed at
+    /// 1.75 ms above 19200 baud (Modbus over serial line, §2.5.1.1).
+    pub fn frame_gap(&self) -> Duration {
+        if self.baud > 19_200 {
+            Duration::from_micros(1750)
+        } else {
+            self.char_time(7) / 2
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Report {
+    Always,
+    Change { heartbeat: Duration },
+}
+
+#[derive(Debug, Clone)]
+pub struct Device {
+    pub name: String,
+    pub bus: String,
+    pub unit: UnitId,
+    pub poll: Duration,
+    /// Platform sub-device key; `None` = the gateway's own attributes.
+    pub key: Option<String>,
+    pub report: Report,
+    pub timeout: Option<Duration>,
+    pub points: Vec<Point>,
+}
+
+impl Device {
+    pub fn point(&self, name: &str) -> Option<&Point> {
+        self.points.iter().find(|p| p.name == name)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Area {
+    Coil,
+    Discrete,
+    Input,
+    Holding,
+}
+
+impl Area {
+    /// Coils and discrete inputs are bit areas; the others are 16-bit registers.
+    pub fn is_bits(self) -> bool {
+        matches!(self, Area::Coil | Area::Discrete)
+    }
+
+    /// The protocol's per-request limit: 2000 bits or 125 registers.
+    pub fn max_per_read(self) -> u16 {
+        if self.is_bits() {
+            2000
+        } else {
+            125
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Area::Coil => "coil",
+            Area::Discrete => "discrete",
+            Area::Input => "input",
+            Area::Holding => "holding",
+        }
+    }
+}
+
+impl fmt::Display for Area {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Byte order of a multi-register value, named by where the big-endian
+/// bytes A B C D end up on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// Big-endian words, big-endian bytes (Modbus default).
+    Abcd,
+    /// Little-endian throughout.
+    Dcba,
+    /// Bytes swapped inside each register.
+    Badc,
+    /// Registers in reverse order ("word swap").
+    Cdab,
+}
+
+impl Order {
+    pub fn swaps_words(self) -> bool {
+        matches!(self, Order::Dcba | Order::Cdab)
+    }
+
+    pub fn swaps_bytes(self) -> bool {
+        matches!(self, Order::Dcba | Order::Badc)
+    }
+}
+
+/// What a point's registers or bits mean.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A coil or discrete input.
+    Bit,
+    /// One bit (0 = LSB) of an input or holding register.
+    RegisterBit(u8),
+    /// A whole register read as a boolean: non-zero is true.
+    RegisterBool,
+    U16,
+    I16,
+    U32,
+    I32,
+    U64,
+    I64,
+    F32,
+    F64,
+    /// ASCII text in `len` registers, two characters each.
+    String { len: u16 },
+}
+
+impl Kind {
+    /// Registers (or bits, for `Bit`) the point occupies.
+    pub fn width(self) -> u16 {
+        match self {
+            Kind::Bit | Kind::RegisterBit(_) | Kind::RegisterBool | Kind::U16 | Kind::I16 => 1,
+            Kind::U32 | Kind::I32 | Kind::F32 => 2,
+            Kind::U64 | Kind::I64 | Kind::F64 => 4,
+            Kind::String { len } => len,
+        }
+    }
+
+    pub fn is_bool(self) -> bool {
+        matches!(self, Kind::Bit | Kind::RegisterBit(_) | Kind::RegisterBool)
+    }
+
+    pub fn is_integer(self) -> bool {
+        matches!(
+            self,
+            Kind::U16 | Kind::I16 | Kind::U32 | Kind::I32 | Kind::U64 | Kind::I64
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Point {
+    pub name: String,
+    pub area: Area,
+    pub address: Address,
+    pub kind: Kind,
+    pub order: Order,
+    pub scale: f64,
+    pub offset: f64,
+    pub unit: Option<String>,
+    pub writable: bool,
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+    pub deadband: f64,
+}
+
+impl Point {
+    /// One past the last register/bit the point occupies.
+    pub fn end(&self) -> u32 {
+        u32::from(self.address) + u32::from(self.kind.width())
+    }
+
+    /// Integer types with scale 1 and offset 0 are reported as integers.
+    pub fn is_unscaled(&self) -> bool {
+        self.scale == 1.0 && self.offset == 0.0
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Command {
+    pub name: String,
+    pub device: String,
+    pub writes: Vec<CommandWrite>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CommandWrite {
+    pub point: String,
+    pub value: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    Binary,
+    Hex,
+}
+
+#[derive(Debug, Clone)]
+pub struct Stream {
+    pub name: String,
+    pub bus: String,
+    pub encoding: Encoding,
+}

@@ -1,0 +1,913 @@
+//! The TOML file as written, with source spans, and its conversion into the
+//! validated model. Every rule of SPEC §3 is enforced here, once.
+
+use std::collections::{HashMap, HashSet};
+use std::ops::Range;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::model::*;
+
+/// A rule violation at a byte range of the source.
+#[derive(Debug)]
+pub struct Violation {
+    pub span: Range<usize>,
+    pub message: String,
+}
+
+type Result<T> = std::result::Result<T, Violation>;
+
+fn violation<T>(span: Range<usize>, message: impl Into<String>) -> Result<T> {
+    Err(Violation {
+        span,
+        message: message.into(),
+    })
+}
+
+/// A duration written as `"250ms"`, `"5s"`, `"1m"`.
+#[derive(Debug, Clone, Copy)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map(Dur).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration {text:?} ({e}); write e.g. \"250ms\", \"5s\", \"1m\""
+            ))
+        })
+    }
+}
+
+/// A size written as `"64MiB"`, `"500kB"`.
+#[derive(Debug, Clone, Copy)]
+pub struct Size(pub u64);
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse::<bytesize::ByteSize>()
+            .map(|b| Size(b.as_u64()))
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "invalid size {text:?} ({e}); write e.g. \"64MiB\""
+                ))
+            })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    gateway: RawGateway,
+    platform: Option<Spanned<RawPlatform>>,
+    #[serde(default)]
+    buffer: RawBuffer,
+    #[serde(default, rename = "bus")]
+    buses: Vec<Spanned<RawBus>>,
+    #[serde(default, rename = "device")]
+    devices: Vec<Spanned<RawDevice>>,
+    #[serde(default, rename = "command")]
+    commands: Vec<Spanned<RawCommand>>,
+    #[serde(default, rename = "stream")]
+    streams: Vec<Spanned<RawStream>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGateway {
+    id: Spanned<String>,
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq)]
+#[serde(rename_all = "lowercase")]
+enum RawProfile {
+    Thingscloud,
+    Generic,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlatform {
+    profile: Option<RawProfile>,
+    host: Spanned<String>,
+    port: Option<Spanned<i64>>,
+    #[serde(default)]
+    tls: bool,
+    ca_file: Option<Spanned<PathBuf>>,
+    access_token: Option<Spanned<String>>,
+    project_key: Option<Spanned<String>>,
+    username: Option<Spanned<String>>,
+    password: Option<Spanned<String>>,
+    topic_prefix: Option<Spanned<String>>,
+    keep_alive: Option<Dur>,
+    max_publish_rate: Option<Spanned<f64>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawBuffer {
+    max_bytes: Option<Spanned<Size>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBus {
+    name: Spanned<String>,
+    port: String,
+    #[serde(default = "default_baud")]
+    baud: Spanned<u32>,
+    #[serde(default)]
+    parity: RawParity,
+    data_bits: Option<Spanned<u8>>,
+    stop_bits: Option<Spanned<u8>>,
+    timeout: Option<Spanned<Dur>>,
+    #[serde(default = "default_retries")]
+    retries: u32,
+    delay: Option<Dur>,
+    #[serde(default)]
+    mode: RawMode,
+}
+
+fn default_baud() -> Spanned<u32> {
+    Spanned::new(0..0, 9600)
+}
+
+fn default_retries() -> u32 {
+    1
+}
+
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum RawParity {
+    #[default]
+    None,
+    Even,
+    Odd,
+}
+
+#[derive(Deserialize, Default, Clone, Copy, PartialEq)]
+#[serde(rename_all = "lowercase")]
+enum RawMode {
+    #[default]
+    Rtu,
+    Transparent,
+}
+
+#[derive(Deserialize, Default, Clone, Copy, PartialEq)]
+#[serde(rename_all = "lowercase")]
+enum RawReport {
+    #[default]
+    Always,
+    Change,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDevice {
+    name: Spanned<String>,
+    bus: Spanned<String>,
+    unit: Spanned<i64>,
+    poll: Option<Spanned<Dur>>,
+    key: Option<Spanned<String>>,
+    #[serde(default)]
+    report: RawReport,
+    heartbeat: Option<Spanned<Dur>>,
+    timeout: Option<Spanned<Dur>>,
+    #[serde(default, rename = "point")]
+    points: Vec<Spanned<RawPoint>>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq)]
+#[serde(rename_all = "lowercase")]
+enum RawArea {
+    Coil,
+    Discrete,
+    Input,
+    Holding,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq)]
+#[serde(rename_all = "lowercase")]
+enum RawType {
+    Bool,
+    U16,
+    I16,
+    U32,
+    I32,
+    U64,
+    I64,
+    F32,
+    F64,
+    String,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "UPPERCASE")]
+enum RawOrder {
+    Abcd,
+    Dcba,
+    Badc,
+    Cdab,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPoint {
+    name: Spanned<String>,
+    area: RawArea,
+    address: Spanned<i64>,
+    #[serde(rename = "type")]
+    kind: Spanned<RawType>,
+    order: Option<Spanned<RawOrder>>,
+    scale: Option<Spanned<f64>>,
+    offset: Option<Spanned<f64>>,
+    bit: Option<Spanned<i64>>,
+    length: Option<Spanned<i64>>,
+    unit: Option<String>,
+    writable: Option<Spanned<bool>>,
+    min: Option<Spanned<f64>>,
+    max: Option<Spanned<f64>>,
+    deadband: Option<Spanned<f64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCommand {
+    name: Spanned<String>,
+    device: Spanned<String>,
+    write: Vec<Spanned<RawCommandWrite>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCommandWrite {
+    point: Spanned<String>,
+    value: Spanned<toml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStream {
+    name: Spanned<String>,
+    bus: Spanned<String>,
+    #[serde(default)]
+    encoding: RawEncoding,
+}
+
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum RawEncoding {
+    #[default]
+    Binary,
+    Hex,
+}
+
+/// `[A-Za-z0-9_-]+`: gateway ids, bus/device/command/stream names.
+fn check_name(name: &Spanned<String>, what: &str) -> Result<String> {
+    let ok = !name.get_ref().is_empty()
+        && name
+            .get_ref()
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if ok {
+        Ok(name.get_ref().clone())
+    } else {
+        violation(
+            name.span(),
+            format!(
+                "{what} {:?} may only contain letters, digits, '_' and '-'",
+                name.get_ref()
+            ),
+        )
+    }
+}
+
+/// `[A-Za-z_][A-Za-z0-9_]*`: attribute identifiers.
+fn check_identifier(name: &Spanned<String>) -> Result<String> {
+    let text = name.get_ref();
+    let mut chars = text.chars();
+    let ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if ok {
+        Ok(text.clone())
+    } else {
+        violation(
+            name.span(),
+            format!("point name {text:?} must match [A-Za-z_][A-Za-z0-9_]* (it is the attribute identifier)"),
+        )
+    }
+}
+
+fn positive(d: &Spanned<Dur>, what: &str) -> Result<Duration> {
+    if d.get_ref().0.is_zero() {
+        violation(d.span(), format!("{what} must be longer than 0"))
+    } else {
+        Ok(d.get_ref().0)
+    }
+}
+
+/// Remembers the first span of each name and rejects a second one.
+struct Unique<'a> {
+    what: &'a str,
+    seen: HashSet<String>,
+}
+
+impl<'a> Unique<'a> {
+    fn new(what: &'a str) -> Self {
+        Self {
+            what,
+            seen: HashSet::new(),
+        }
+    }
+
+    fn insert(&mut self, name: &Spanned<String>, scope: &str) -> Result<()> {
+        if self.seen.insert(name.get_ref().clone()) {
+            Ok(())
+        } else {
+            violation(
+                name.span(),
+                format!("duplicate {} {:?}{scope}", self.what, name.get_ref()),
+            )
+        }
+    }
+}
+
+impl RawConfig {
+    pub fn into_config(self) -> Result<Config> {
+        let raw_gateway = self.gateway;
+        let gateway = Gateway {
+            id: check_name(&raw_gateway.id, "gateway id")?,
+            data_dir: raw_gateway
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from("/var/lib/fieldgate")),
+        };
+        let platform = self
+            .platform
+            .map(|p| convert_platform(p, &gateway.id))
+            .transpose()?;
+        let buffer = Buffer {
+            max_bytes: match self.buffer.max_bytes {
+                Some(s) if s.get_ref().0 < 4096 => {
+                    return violation(s.span(), "buffer.max_bytes must be at least 4KiB")
+                }
+                Some(s) => s.get_ref().0,
+                None => 64 * 1024 * 1024,
+            },
+        };
+
+        let mut bus_names = Unique::new("bus");
+        let mut buses = Vec::new();
+        for raw in self.buses {
+            bus_names.insert(&raw.get_ref().name, "")?;
+            buses.push(convert_bus(raw.into_inner())?);
+        }
+
+        let mut device_names = Unique::new("device");
+        // Attribute names per platform device: `None` is the gateway itself.
+        let mut attributes: HashMap<Option<String>, HashSet<String>> = HashMap::new();
+        let mut devices = Vec::new();
+        for raw in self.devices {
+            device_names.insert(&raw.get_ref().name, "")?;
+            let names: Vec<Spanned<String>> = raw
+                .get_ref()
+                .points
+                .iter()
+                .map(|p| p.get_ref().name.clone())
+                .collect();
+            let device = convert_device(raw, &buses)?;
+            let seen = attributes.entry(device.key.clone()).or_default();
+            for name in names {
+                if !seen.insert(name.get_ref().clone()) {
+                    return violation(
+                        name.span(),
+                        format!(
+                            "attribute {:?} is already defined by another device reporting to {}",
+                            name.get_ref(),
+                            match &device.key {
+                                Some(k) => format!("sub-device key {k:?}"),
+                                None => "the gateway itself (no key)".to_string(),
+                            }
+                        ),
+                    );
+                }
+            }
+            devices.push(device);
+        }
+
+        let mut command_names = Unique::new("command");
+        let mut commands = Vec::new();
+        for raw in self.commands {
+            command_names.insert(&raw.get_ref().name, "")?;
+            commands.push(convert_command(raw.into_inner(), &devices)?);
+        }
+
+        let mut stream_names = Unique::new("stream");
+        let mut streams = Vec::new();
+        for raw in self.streams {
+            let raw = raw.into_inner();
+            stream_names.insert(&raw.name, "")?;
+            if !buses.iter().any(|b| &b.name == raw.bus.get_ref()) {
+                return violation(
+                    raw.bus.span(),
+                    format!("stream refers to unknown bus {:?}", raw.bus.get_ref()),
+                );
+            }
+            streams.push(Stream {
+                name: check_name(&raw.name, "stream name")?,
+                bus: raw.bus.into_inner(),
+                encoding: match raw.encoding {
+                    RawEncoding::Binary => Encoding::Binary,
+                    RawEncoding::Hex => Encoding::Hex,
+                },
+            });
+        }
+
+        Ok(Config {
+            gateway,
+            platform,
+            buffer,
+            buses,
+            devices,
+            commands,
+            streams,
+        })
+    }
+}
+
+fn convert_platform(raw: Spanned<RawPlatform>, gateway_id: &str) -> Result<Platform> {
+    let span = raw.span();
+    let raw = raw.into_inner();
+    let profile_kind = raw.profile.unwrap_or(RawProfile::Thingscloud);
+    let profile = match profile_kind {
+        RawProfile::Thingscloud => {
+            for (field, name) in [
+                (&raw.username, "username"),
+                (&raw.password, "password"),
+                (&raw.topic_prefix, "topic_prefix"),
+            ] {
+                if let Some(f) = field {
+                    return violation(
+                        f.span(),
+                        format!("{name} belongs to the generic profile; ThingsCloud uses access_token and project_key"),
+                    );
+                }
+            }
+            let need = |f: Option<Spanned<String>>, name: &str| match f {
+                Some(v) if !v.get_ref().is_empty() => Ok(v.into_inner()),
+                Some(v) => violation(v.span(), format!("{name} must not be empty")),
+                None => violation(
+                    span.clone(),
+                    format!("the thingscloud profile needs {name} (from the device's certificate in the ThingsCloud console)"),
+                ),
+            };
+            Profile::ThingsCloud {
+                access_token: need(raw.access_token, "access_token")?,
+                project_key: need(raw.project_key, "project_key")?,
+            }
+        }
+        RawProfile::Generic => {
+            for (field, name) in [
+                (&raw.access_token, "access_token"),
+                (&raw.project_key, "project_key"),
+            ] {
+                if let Some(f) = field {
+                    return violation(
+                        f.span(),
+                        format!("{name} belongs to the thingscloud profile; the generic profile uses username and password"),
+                    );
+                }
+            }
+            let topic_prefix = match raw.topic_prefix {
+                Some(p) => {
+                    let text = p.get_ref().trim_end_matches('/');
+                    if text.is_empty() || text.contains(['#', '+']) {
+                        return violation(
+                            p.span(),
+                            "topic_prefix must be a non-empty topic without wildcards",
+                        );
+                    }
+                    text.to_string()
+                }
+                None => format!("fieldgate/{gateway_id}"),
+            };
+            Profile::Generic {
+                username: raw.username.map(Spanned::into_inner),
+                password: raw.password.map(Spanned::into_inner),
+                topic_prefix,
+            }
+        }
+    };
+    let port = match raw.port {
+        Some(p) => u16::try_from(*p.get_ref())
+            .ok()
+            .filter(|&p| p != 0)
+            .map_or_else(|| violation(p.span(), "port must be 1..65535"), Ok)?,
+        None if raw.tls => 8883,
+        None => 1883,
+    };
+    if raw.host.get_ref().trim().is_empty() {
+        return violation(raw.host.span(), "host must not be empty");
+    }
+    let tls = match (raw.tls, raw.ca_file) {
+        (true, ca) => Some(Tls {
+            ca_file: ca.map(Spanned::into_inner),
+        }),
+        (false, Some(ca)) => {
+            return violation(ca.span(), "ca_file is only used with tls = true")
+        }
+        (false, None) => None,
+    };
+    let max_publish_rate = match raw.max_publish_rate {
+        Some(r) if !r.get_ref().is_finite() || *r.get_ref() < 0.0 => {
+            return violation(
+                r.span(),
+                "max_publish_rate must be a number >= 0 (0 = no cap)",
+            )
+        }
+        Some(r) if *r.get_ref() == 0.0 => None,
+        Some(r) => Some(*r.get_ref()),
+        None if profile_kind == RawProfile::Thingscloud => Some(1.0),
+        None => Some(100.0),
+    };
+    Ok(Platform {
+        profile,
+        host: raw.host.into_inner(),
+        port,
+        tls,
+        keep_alive: raw.keep_alive.map_or(Duration::from_secs(60), |d| d.0),
+        max_publish_rate,
+    })
+}
+
+fn convert_bus(raw: RawBus) -> Result<Bus> {
+    let name = check_name(&raw.name, "bus name")?;
+    if *raw.baud.get_ref() == 0 {
+        return violation(raw.baud.span(), "baud must be greater than 0");
+    }
+    let data_bits = match raw.data_bits {
+        Some(b) if !(5..=8).contains(b.get_ref()) => {
+            return violation(b.span(), "data_bits must be 5, 6, 7 or 8")
+        }
+        Some(b) => *b.get_ref(),
+        None => 8,
+    };
+    let stop_bits = match raw.stop_bits {
+        Some(b) if !(1..=2).contains(b.get_ref()) => {
+            return violation(b.span(), "stop_bits must be 1 or 2")
+        }
+        Some(b) => *b.get_ref(),
+        None => 1,
+    };
+    let timeout = match &raw.timeout {
+        Some(t) => positive(t, "timeout")?,
+        None => Duration::from_millis(500),
+    };
+    Ok(Bus {
+        name,
+        port: raw.port,
+        baud: *raw.baud.get_ref(),
+        parity: match raw.parity {
+            RawParity::None => Parity::None,
+            RawParity::Even => Parity::Even,
+            RawParity::Odd => Parity::Odd,
+        },
+        data_bits,
+        stop_bits,
+        timeout,
+        retries: raw.retries,
+        delay: raw.delay.map_or(Duration::ZERO, |d| d.0),
+        mode: match raw.mode {
+            RawMode::Rtu => BusMode::Rtu,
+            RawMode::Transparent => BusMode::Transparent,
+        },
+    })
+}
+
+fn convert_device(raw: Spanned<RawDevice>, buses: &[Bus]) -> Result<Device> {
+    let raw = raw.into_inner();
+    let name = check_name(&raw.name, "device name")?;
+    let Some(bus) = buses.iter().find(|b| &b.name == raw.bus.get_ref()) else {
+        let known: Vec<&str> = buses.iter().map(|b| b.name.as_str()).collect();
+        return violation(
+            raw.bus.span(),
+            format!(
+                "device {name:?} refers to unknown bus {:?} (defined: {})",
+                raw.bus.get_ref(),
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            ),
+        );
+    };
+    if bus.mode == BusMode::Transparent {
+        return violation(
+            raw.bus.span(),
+            format!(
+                "bus {:?} is transparent; polled devices need an rtu bus",
+                bus.name
+            ),
+        );
+    }
+    let unit = u8::try_from(*raw.unit.get_ref())
+        .ok()
+        .and_then(UnitId::new)
+        .map_or_else(
+            || {
+                violation(
+                    raw.unit.span(),
+                    format!(
+                        "unit {} is not a valid slave id (1..247)",
+                        raw.unit.get_ref()
+                    ),
+                )
+            },
+            Ok,
+        )?;
+    let poll = match &raw.poll {
+        Some(p) => positive(p, "poll")?,
+        None => Duration::from_secs(5),
+    };
+    let key = match raw.key {
+        Some(k) if k.get_ref().is_empty() => {
+            return violation(k.span(), "key must not be empty (leave it out for the gateway's own attributes)")
+        }
+        Some(k) => Some(k.into_inner()),
+        None => None,
+    };
+    let heartbeat = match &raw.heartbeat {
+        Some(h) => positive(h, "heartbeat")?,
+        None => Duration::from_secs(300),
+    };
+    let report = match raw.report {
+        RawReport::Always => Report::Always,
+        RawReport::Change => Report::Change { heartbeat },
+    };
+    let timeout = raw
+        .timeout
+        .as_ref()
+        .map(|t| positive(t, "timeout"))
+        .transpose()?;
+    if raw.points.is_empty() {
+        return violation(raw.name.span(), format!("device {name:?} has no [[device.point]]"));
+    }
+    let mut point_names = Unique::new("point");
+    let mut points = Vec::new();
+    for p in &raw.points {
+        point_names.insert(&p.get_ref().name, &format!(" in device {name:?}"))?;
+        points.push(convert_point(p)?);
+    }
+    Ok(Device {
+        name,
+        bus: bus.name.clone(),
+        unit,
+        poll,
+        key,
+        report,
+        timeout,
+        points,
+    })
+}
+
+fn convert_point(raw: &Spanned<RawPoint>) -> Result<Point> {
+    let raw = raw.get_ref();
+    let name = check_identifier(&raw.name)?;
+    let area = match raw.area {
+        RawArea::Coil => Area::Coil,
+        RawArea::Discrete => Area::Discrete,
+        RawArea::Input => Area::Input,
+        RawArea::Holding => Area::Holding,
+    };
+    let ty = *raw.kind.get_ref();
+    let address = u16::try_from(*raw.address.get_ref()).map_or_else(
+        |_| {
+            violation(
+                raw.address.span(),
+                format!(
+                    "address {} is outside 0..65535 (addresses are 0-based protocol addresses)",
+                    raw.address.get_ref()
+                ),
+            )
+        },
+        Ok,
+    )?;
+    if area.is_bits() && ty != RawType::Bool {
+        return violation(
+            raw.kind.span(),
+            format!("a {area} holds one bit; its type must be \"bool\""),
+        );
+    }
+    if let Some(bit) = &raw.bit {
+        if area.is_bits() {
+            return violation(
+                bit.span(),
+                format!("bit selects a bit of a register; a {area} is already a single bit"),
+            );
+        }
+        if ty != RawType::Bool {
+            return violation(bit.span(), "bit is only used with type = \"bool\"");
+        }
+    }
+    if raw.length.is_some() && ty != RawType::String {
+        if let Some(len) = &raw.length {
+            return violation(len.span(), "length is only used with type = \"string\"");
+        }
+    }
+    let kind = match ty {
+        RawType::Bool if area.is_bits() => Kind::Bit,
+        RawType::Bool => match &raw.bit {
+            Some(bit) => match u8::try_from(*bit.get_ref()) {
+                Ok(b) if b < 16 => Kind::RegisterBit(b),
+                _ => return violation(bit.span(), "bit must be 0..15 (0 = least significant)"),
+            },
+            None => Kind::RegisterBool,
+        },
+        RawType::U16 => Kind::U16,
+        RawType::I16 => Kind::I16,
+        RawType::U32 => Kind::U32,
+        RawType::I32 => Kind::I32,
+        RawType::U64 => Kind::U64,
+        RawType::I64 => Kind::I64,
+        RawType::F32 => Kind::F32,
+        RawType::F64 => Kind::F64,
+        RawType::String => match &raw.length {
+            Some(len) => match u16::try_from(*len.get_ref()) {
+                Ok(l) if (1..=125).contains(&l) => Kind::String { len: l },
+                _ => {
+                    return violation(
+                        len.span(),
+                        "length must be 1..125 registers (two characters each)",
+                    )
+                }
+            },
+            None => {
+                return violation(
+                    raw.kind.span(),
+                    "a string point needs length = <registers>",
+                )
+            }
+        },
+    };
+    if u32::from(address) + u32::from(kind.width()) > 65536 {
+        return violation(
+            raw.address.span(),
+            format!(
+                "{name} occupies {} registers from address {address}, past the end of the address space (65535)",
+                kind.width()
+            ),
+        );
+    }
+    let number = |f: &Option<Spanned<f64>>, what: &str, default: f64| -> Result<f64> {
+        match f {
+            Some(v) if !v.get_ref().is_finite() => {
+                violation(v.span(), format!("{what} must be a finite number"))
+            }
+            Some(v) if kind.is_bool() || matches!(kind, Kind::String { .. }) => violation(
+                v.span(),
+                format!("{what} only applies to numeric types"),
+            ),
+            Some(v) => Ok(*v.get_ref()),
+            None => Ok(default),
+        }
+    };
+    let scale = number(&raw.scale, "scale", 1.0)?;
+    if scale == 0.0 {
+        if let Some(s) = &raw.scale {
+            return violation(s.span(), "scale must not be 0");
+        }
+    }
+    let offset = number(&raw.offset, "offset", 0.0)?;
+    let deadband = number(&raw.deadband, "deadband", 0.0)?;
+    if deadband < 0.0 {
+        if let Some(d) = &raw.deadband {
+            return violation(d.span(), "deadband must be >= 0");
+        }
+    }
+    let writable = match &raw.writable {
+        Some(w) if *w.get_ref() && !matches!(area, Area::Holding | Area::Coil) => {
+            return violation(
+                w.span(),
+                format!("a {area} is read-only in Modbus; only holding registers and coils can be writable"),
+            )
+        }
+        Some(w) if *w.get_ref() && matches!(kind, Kind::String { .. }) => {
+            return violation(w.span(), "string points cannot be written")
+        }
+        Some(w) => *w.get_ref(),
+        None => false,
+    };
+    let min = number(&raw.min, "min", f64::NEG_INFINITY)?;
+    let max = number(&raw.max, "max", f64::INFINITY)?;
+    for bound in [&raw.min, &raw.max].into_iter().flatten() {
+        if !writable {
+            return violation(bound.span(), "min/max is the accepted range for writes; it needs writable = true");
+        }
+    }
+    if min > max {
+        if let Some(m) = &raw.min {
+            return violation(m.span(), "min is greater than max");
+        }
+    }
+    let order = match raw.order.as_ref().map(|o| *o.get_ref()) {
+        None | Some(RawOrder::Abcd) => Order::Abcd,
+        Some(RawOrder::Dcba) => Order::Dcba,
+        Some(RawOrder::Badc) => Order::Badc,
+        Some(RawOrder::Cdab) => Order::Cdab,
+    };
+    if let Some(o) = &raw.order {
+        if area.is_bits() {
+            return violation(o.span(), format!("order has no meaning for a {area}"));
+        }
+    }
+    Ok(Point {
+        name,
+        area,
+        address,
+        kind,
+        order,
+        scale,
+        offset,
+        unit: raw.unit.clone(),
+        writable,
+        min: raw.min.as_ref().map(|_| min),
+        max: raw.max.as_ref().map(|_| max),
+        deadband,
+    })
+}
+
+fn convert_command(raw: RawCommand, devices: &[Device]) -> Result<Command> {
+    let name = check_name(&raw.name, "command name")?;
+    let Some(device) = devices.iter().find(|d| &d.name == raw.device.get_ref()) else {
+        return violation(
+            raw.device.span(),
+            format!("command {name:?} refers to unknown device {:?}", raw.device.get_ref()),
+        );
+    };
+    if raw.write.is_empty() {
+        return violation(raw.name.span(), format!("command {name:?} has no writes"));
+    }
+    let mut writes = Vec::new();
+    for w in raw.write {
+        let w = w.into_inner();
+        let Some(point) = device.point(w.point.get_ref()) else {
+            return violation(
+                w.point.span(),
+                format!(
+                    "device {:?} has no point {:?}",
+                    device.name,
+                    w.point.get_ref()
+                ),
+            );
+        };
+        if !point.writable {
+            return violation(
+                w.point.span(),
+                format!("point {:?} is not writable (add writable = true)", point.name),
+            );
+        }
+        let value = match w.value.get_ref() {
+            toml::Value::Boolean(b) if point.kind.is_bool() => serde_json::Value::from(*b),
+            toml::Value::Integer(i) if !point.kind.is_bool() => serde_json::Value::from(*i),
+            toml::Value::Float(f) if !point.kind.is_bool() => serde_json::Value::from(*f),
+            _ => {
+                return violation(
+                    w.value.span(),
+                    format!(
+                        "value for {:?} must be {}",
+                        point.name,
+                        if point.kind.is_bool() {
+                            "true or false"
+                        } else {
+                            "a number"
+                        }
+                    ),
+                )
+            }
+        };
+        if let Some(v) = value.as_f64() {
+            if point.min.is_some_and(|m| v < m) || point.max.is_some_and(|m| v > m) {
+                return violation(
+                    w.value.span(),
+                    format!("value {v} is outside the point's min/max"),
+                );
+            }
+        }
+        writes.push(CommandWrite {
+            point: point.name.clone(),
+            value,
+        });
+    }
+    Ok(Command {
+        name,
+        device: device.name.clone(),
+        writes,
+    })
+}

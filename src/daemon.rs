@@ -1,0 +1,67 @@
+//! `fieldgate run`: wires config → one poller per bus → uplink queue →
+//! platform, and stops them all on shutdown.
+
+use anyhow::Context as _;
+use tokio::sync::{mpsc, watch};
+
+use crate::bus::Bus;
+use crate::config::{BusMode, Config};
+use crate::commands::Usage;
+use crate::platform;
+use crate::poll::{Poller, Reading};
+
+/// Readings waiting for the platform; beyond this the poller drops and counts.
+const UPLINK_QUEUE: usize = 1024;
+
+/// Runs the daemon until `shutdown` turns true.
+pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let Some(platform) = config.platform.clone() else {
+        return Err(Usage("the config has no [platform] section; `run` needs one".into()).into());
+    };
+    let (readings_tx, readings_rx) = mpsc::channel::<Reading>(UPLINK_QUEUE);
+    let mut pollers = Vec::new();
+    for bus_config in config.buses.iter().filter(|b| b.mode == BusMode::Rtu) {
+        let devices: Vec<_> = config.devices_on(&bus_config.name).cloned().collect();
+        if devices.is_empty() {
+            continue;
+        }
+        let mut bus = Bus::new(bus_config.clone());
+        // A missing adapter is not fatal: the bus keeps trying to reopen it.
+        let _ = bus.ensure_open();
+        let (poller, _jobs) = Poller::new(bus, devices, readings_tx.clone());
+        pollers.push(tokio::spawn(poller.run(shutdown.clone())));
+    }
+    drop(readings_tx);
+    log::info!(
+        target: "daemon",
+        "gateway {} started: {} buses, {} devices, platform {}:{}",
+        config.gateway.id,
+        pollers.len(),
+        config.devices.len(),
+        platform.host,
+        platform.port
+    );
+    let uplink = platform::run(&config.gateway.id, &platform, readings_rx, shutdown);
+    uplink.await.context("platform connection")?;
+    for poller in pollers {
+        let _ = poller.await;
+    }
+    log::info!(target: "daemon", "stopped");
+    Ok(())
+}
+
+/// A shutdown signal that turns true on SIGTERM or SIGINT.
+pub fn shutdown_on_signals() -> anyhow::Result<watch::Receiver<bool>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => log::info!(target: "daemon", "SIGTERM: stopping"),
+            _ = int.recv() => log::info!(target: "daemon", "SIGINT: stopping"),
+        }
+        tx.send_replace(true);
+    });
+    Ok(rx)
+}

@@ -1,0 +1,353 @@
+//! The simulator: Modbus RTU slaves (tokio-modbus server) on a
+//! pseudo-terminal, so a config can be tried without hardware. Values change
+//! over time; writes stick. Tests use the same slaves with fault knobs:
+//! silence a unit, answer late, raise an exception for a range, and a log
+//! of every request received.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::io;
+use std::ops::RangeInclusive;
+use std::os::fd::{IntoRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nix::sys::termios;
+use tokio_modbus::{ExceptionCode, Response, SlaveRequest};
+
+use crate::bus::Request;
+use crate::config::{self, Area, Device, Kind};
+use crate::poll::codec::{self, Value};
+
+/// One simulated slave's memory and behaviour.
+#[derive(Debug, Default, Clone)]
+pub struct Unit {
+    pub coils: BTreeMap<u16, bool>,
+    pub discretes: BTreeMap<u16, bool>,
+    pub input: BTreeMap<u16, u16>,
+    pub holding: BTreeMap<u16, u16>,
+    /// Never answer (a dead or disconnected slave).
+    pub silent: bool,
+    /// Extra time before answering (a slow slave).
+    pub delay: Duration,
+    /// Ranges answered with an exception instead of data.
+    pub exceptions: Vec<(Area, RangeInclusive<u16>, ExceptionCode)>,
+}
+
+impl Unit {
+    fn registers(&mut self, area: Area) -> &mut BTreeMap<u16, u16> {
+        if area == Area::Input {
+            &mut self.input
+        } else {
+            &mut self.holding
+        }
+    }
+
+    fn bits(&mut self, area: Area) -> &mut BTreeMap<u16, bool> {
+        if area == Area::Discrete {
+            &mut self.discretes
+        } else {
+            &mut self.coils
+        }
+    }
+
+    /// Stores `regs` from `address` on.
+    pub fn set_registers(&mut self, area: Area, address: u16, regs: &[u16]) {
+        let map = self.registers(area);
+        for (i, r) in regs.iter().enumerate() {
+            map.insert(address.wrapping_add(i as u16), *r);
+        }
+    }
+
+    pub fn set_bit(&mut self, area: Area, address: u16, on: bool) {
+        self.bits(area).insert(address, on);
+    }
+
+    fn exception_for(&self, area: Area, start: u16, count: u16) -> Option<ExceptionCode> {
+        let end = u32::from(start) + u32::from(count.max(1)) - 1;
+        self.exceptions
+            .iter()
+            .find(|(a, r, _)| {
+                *a == area && u32::from(*r.start()) <= end && u32::from(*r.end()) >= u32::from(start)
+            })
+            .map(|(_, _, code)| *code)
+    }
+
+    /// Executes one request: `None` when the slave stays silent.
+    fn execute(&mut self, request: &Request) -> Result<Response, ExceptionCode> {
+        let read_regs = |u: &mut Unit, area: Area, a: u16, n: u16| -> Result<Vec<u16>, ExceptionCode> {
+            if let Some(code) = u.exception_for(area, a, n) {
+                return Err(code);
+            }
+            let map = u.registers(area);
+            Ok((0..n).map(|i| map.get(&a.wrapping_add(i)).copied().unwrap_or(0)).collect())
+        };
+        let read_bits = |u: &mut Unit, area: Area, a: u16, n: u16| -> Result<Vec<bool>, ExceptionCode> {
+            if let Some(code) = u.exception_for(area, a, n) {
+                return Err(code);
+            }
+            let map = u.bits(area);
+            Ok((0..n).map(|i| map.get(&a.wrapping_add(i)).copied().unwrap_or(false)).collect())
+        };
+        match request {
+            Request::ReadCoils(a, n) => read_bits(self, Area::Coil, *a, *n).map(Response::ReadCoils),
+            Request::ReadDiscretes(a, n) => {
+                read_bits(self, Area::Discrete, *a, *n).map(Response::ReadDiscreteInputs)
+            }
+            Request::ReadInput(a, n) => {
+                read_regs(self, Area::Input, *a, *n).map(Response::ReadInputRegisters)
+            }
+            Request::ReadHolding(a, n) => {
+                read_regs(self, Area::Holding, *a, *n).map(Response::ReadHoldingRegisters)
+            }
+            Request::WriteCoil(a, v) => {
+                self.exception_for(Area::Coil, *a, 1).map_or(Ok(()), Err)?;
+                self.coils.insert(*a, *v);
+                Ok(Response::WriteSingleCoil(*a, *v))
+            }
+            Request::WriteCoils(a, v) => {
+                self.exception_for(Area::Coil, *a, v.len() as u16).map_or(Ok(()), Err)?;
+                for (i, b) in v.iter().enumerate() {
+                    self.coils.insert(a.wrapping_add(i as u16), *b);
+                }
+                Ok(Response::WriteMultipleCoils(*a, v.len() as u16))
+            }
+            Request::WriteRegister(a, v) => {
+                self.exception_for(Area::Holding, *a, 1).map_or(Ok(()), Err)?;
+                self.holding.insert(*a, *v);
+                Ok(Response::WriteSingleRegister(*a, *v))
+            }
+            Request::WriteRegisters(a, v) => {
+                self.exception_for(Area::Holding, *a, v.len() as u16).map_or(Ok(()), Err)?;
+                self.set_registers(Area::Holding, *a, v);
+                Ok(Response::WriteMultipleRegisters(*a, v.len() as u16))
+            }
+        }
+    }
+}
+
+/// A request as the slave saw it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub unit: u8,
+    pub request: Request,
+    pub at: Instant,
+}
+
+#[derive(Default)]
+struct State {
+    units: HashMap<u8, Unit>,
+    log: Vec<Received>,
+}
+
+/// A set of simulated slaves sharing one line. Cloning gives another handle
+/// to the same slaves.
+#[derive(Clone, Default)]
+pub struct Slaves {
+    state: Arc<Mutex<State>>,
+    /// When set, answers take the wire time of this bus's line settings.
+    wire: Option<Arc<config::Bus>>,
+}
+
+impl Slaves {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Makes every answer wait as long as request and response would take
+    /// on a real line with `bus`'s settings (a pty is instantaneous).
+    pub fn with_wire_time(mut self, bus: &config::Bus) -> Self {
+        self.wire = Some(Arc::new(bus.clone()));
+        self
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic elsewhere cannot leave the maps half-updated in a way that
+        // matters to a simulator; keep serving.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` on unit `id`, creating it if needed.
+    pub fn unit<R>(&self, id: u8, f: impl FnOnce(&mut Unit) -> R) -> R {
+        f(self.lock().units.entry(id).or_default())
+    }
+
+    /// Every request received so far.
+    pub fn received(&self) -> Vec<Received> {
+        self.lock().log.clone()
+    }
+
+    /// Slaves for the configured devices, with initial synthetic values.
+    pub fn for_devices<'a>(devices: impl IntoIterator<Item = &'a Device>) -> Self {
+        let slaves = Self::new();
+        let devices: Vec<&Device> = devices.into_iter().collect();
+        slaves.animate(&devices, 0.0);
+        slaves
+    }
+
+    /// Writes synthetic values for time `t` (seconds) into every non-writable
+    /// point: slow sines within a plausible range, toggling bits, counters.
+    pub fn animate(&self, devices: &[&Device], t: f64) {
+        for device in devices {
+            self.unit(device.unit.get(), |unit| {
+                for (i, p) in device.points.iter().enumerate() {
+                    let seen = match p.kind {
+                        Kind::Bit => unit.bits(p.area).contains_key(&p.address),
+                        _ => unit.registers(p.area).contains_key(&p.address),
+                    };
+                    if p.writable && seen {
+                        continue; // setpoints keep what was written
+                    }
+                    let phase = i as f64;
+                    let toggle = ((t / (2.0 + phase)).floor() as i64) % 2 == 1;
+                    match p.kind {
+                        Kind::Bit => unit.set_bit(p.area, p.address, toggle),
+                        Kind::String { .. } => {
+                            let text = format!("SIM-{}-{}", device.unit, p.name);
+                            unit.set_registers(p.area, p.address, &codec::encode_text(p, &text));
+                        }
+                        _ => {
+                            let value = if p.kind.is_bool() {
+                                Value::Bool(toggle)
+                            } else {
+                                let (lo, hi) = synthetic_range(p);
+                                let mid = (lo + hi) / 2.0;
+                                Value::Float(mid + (hi - lo) / 2.0 * (t / 30.0 + phase).sin())
+                            };
+                            let current = unit.registers(p.area).get(&p.address).copied().unwrap_or(0);
+                            if let Ok(regs) = codec::encode_registers(p, &value, current) {
+                                unit.set_registers(p.area, p.address, &regs);
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    }
+
+    /// Serves these slaves on a new pseudo-terminal; the returned [`Pty`]
+    /// names the path a master (fieldgate) opens.
+    pub fn serve(&self) -> io::Result<Pty> {
+        let pty = nix::pty::openpty(None, None).map_err(io::Error::from)?;
+        // Raw mode from the start: no echo or line editing before a master
+        // opens the port and sets its own line settings.
+        let mut tio = termios::tcgetattr(&pty.slave).map_err(io::Error::from)?;
+        termios::cfmakeraw(&mut tio);
+        termios::tcsetattr(&pty.slave, termios::SetArg::TCSANOW, &tio).map_err(io::Error::from)?;
+        let path = nix::unistd::ttyname(&pty.slave).map_err(io::Error::from)?;
+        // SAFETY: `into_raw_fd` hands over sole ownership of the master fd,
+        // which TTYPort then owns and closes.
+        let master = unsafe {
+            <serialport::TTYPort as std::os::fd::FromRawFd>::from_raw_fd(pty.master.into_raw_fd())
+        };
+        let stream = tokio_serial::SerialStream::try_from(master).map_err(io::Error::from)?;
+        let server = tokio_modbus::server::rtu::Server::new(stream);
+        let service = Service(self.clone());
+        let task = tokio::spawn(async move {
+            if let Err(e) = server.serve_forever(service).await {
+                log::debug!(target: "sim", "simulator stopped: {e}");
+            }
+        });
+        Ok(Pty {
+            path,
+            _slave: pty.slave,
+            task,
+        })
+    }
+}
+
+/// A typical range for a synthetic value: the write range if given, else
+/// one that fits the type after scale/offset.
+fn synthetic_range(p: &config::Point) -> (f64, f64) {
+    if let (Some(lo), Some(hi)) = (p.min, p.max) {
+        return (lo, hi);
+    }
+    let raw_hi = match p.kind {
+        Kind::U16 | Kind::U32 | Kind::U64 => 1000.0,
+        _ => 500.0,
+    };
+    let raw_lo = if matches!(p.kind, Kind::U16 | Kind::U32 | Kind::U64) { 0.0 } else { -500.0 };
+    let a = raw_lo * p.scale + p.offset;
+    let b = raw_hi * p.scale + p.offset;
+    (a.min(b), a.max(b))
+}
+
+/// A running simulator line. Dropping it stops serving.
+pub struct Pty {
+    pub path: PathBuf,
+    /// Kept open so the line stays up while no master has it open.
+    _slave: OwnedFd,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Pty {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn ours(request: &tokio_modbus::Request<'_>) -> Option<Request> {
+    use tokio_modbus::Request as M;
+    Some(match request {
+        M::ReadCoils(a, n) => Request::ReadCoils(*a, *n),
+        M::ReadDiscreteInputs(a, n) => Request::ReadDiscretes(*a, *n),
+        M::ReadHoldingRegisters(a, n) => Request::ReadHolding(*a, *n),
+        M::ReadInputRegisters(a, n) => Request::ReadInput(*a, *n),
+        M::WriteSingleCoil(a, v) => Request::WriteCoil(*a, *v),
+        M::WriteMultipleCoils(a, v) => Request::WriteCoils(*a, v.to_vec()),
+        M::WriteSingleRegister(a, v) => Request::WriteRegister(*a, *v),
+        M::WriteMultipleRegisters(a, v) => Request::WriteRegisters(*a, v.to_vec()),
+        _ => return None,
+    })
+}
+
+struct Service(Slaves);
+
+type Answer = Result<Option<Response>, ExceptionCode>;
+
+impl tokio_modbus::server::Service for Service {
+    type Request = SlaveRequest<'static>;
+    type Response = Option<Response>;
+    type Exception = ExceptionCode;
+    type Future = Pin<Box<dyn Future<Output = Answer> + Send>>;
+
+    fn call(&self, req: Self::Request) -> Self::Future {
+        let slaves = self.0.clone();
+        Box::pin(async move {
+            let Some(request) = ours(&req.request) else {
+                return Err(ExceptionCode::IllegalFunction);
+            };
+            let (answer, delay) = {
+                let mut state = slaves.lock();
+                state.log.push(Received {
+                    unit: req.slave,
+                    request: request.clone(),
+                    at: Instant::now(),
+                });
+                match state.units.get_mut(&req.slave) {
+                    Some(unit) if !unit.silent => (Some(unit.execute(&request)), unit.delay),
+                    _ => (None, Duration::ZERO),
+                }
+            };
+            let Some(answer) = answer else {
+                return Ok(None);
+            };
+            let wire = slaves.wire.as_ref().map_or(Duration::ZERO, |bus| {
+                let (req_len, resp_len) = request.frame_sizes();
+                let resp_len = if answer.is_err() { 5 } else { resp_len };
+                bus.char_time(req_len + resp_len) + bus.frame_gap()
+            });
+            tokio::time::sleep(wire + delay).await;
+            answer.map(Some)
+        })
+    }
+}
+
+/// Seconds since the epoch, the clock of the synthetic values.
+pub fn now_seconds() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
