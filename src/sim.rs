@@ -32,8 +32,16 @@ pub struct Unit {
     pub silent: bool,
     /// Extra time before answering (a slow slave).
     pub delay: Duration,
+    /// Ranges answered only after an extra delay (one slow block).
+    pub slow: Vec<(Area, RangeInclusive<u16>, Duration)>,
     /// Ranges answered with an exception instead of data.
     pub exceptions: Vec<(Area, RangeInclusive<u16>, ExceptionCode)>,
+}
+
+/// Whether `range` overlaps `count` addresses from `start` in `area`.
+fn overlaps(range: &RangeInclusive<u16>, start: u16, count: u16) -> bool {
+    let end = u32::from(start) + u32::from(count.max(1)) - 1;
+    u32::from(*range.start()) <= end && u32::from(*range.end()) >= u32::from(start)
 }
 
 impl Unit {
@@ -66,13 +74,22 @@ impl Unit {
     }
 
     fn exception_for(&self, area: Area, start: u16, count: u16) -> Option<ExceptionCode> {
-        let end = u32::from(start) + u32::from(count.max(1)) - 1;
         self.exceptions
             .iter()
-            .find(|(a, r, _)| {
-                *a == area && u32::from(*r.start()) <= end && u32::from(*r.end()) >= u32::from(start)
-            })
+            .find(|(a, r, _)| *a == area && overlaps(r, start, count))
             .map(|(_, _, code)| *code)
+    }
+
+    /// How long this unit takes to think about `request`.
+    fn delay_for(&self, request: &Request) -> Duration {
+        let (area, start, count) = request.span();
+        self.delay
+            + self
+                .slow
+                .iter()
+                .filter(|(a, r, _)| *a == area && overlaps(r, start, count))
+                .map(|(_, _, d)| *d)
+                .sum::<Duration>()
     }
 
     /// Executes one request: `None` when the slave stays silent.
@@ -327,7 +344,7 @@ impl tokio_modbus::server::Service for Service {
                     at: Instant::now(),
                 });
                 match state.units.get_mut(&req.slave) {
-                    Some(unit) if !unit.silent => (Some(unit.execute(&request)), unit.delay),
+                    Some(unit) if !unit.silent => (Some(unit.execute(&request)), unit.delay_for(&request)),
                     _ => (None, Duration::ZERO),
                 }
             };

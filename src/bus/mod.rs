@@ -13,7 +13,7 @@ use tokio_modbus::client::{Client, Context};
 use tokio_modbus::prelude::SlaveContext;
 use tokio_modbus::{ExceptionCode, Slave};
 
-use crate::config::{self, Address, UnitId};
+use crate::config::{self, Address, Area, UnitId};
 
 pub use port::open as open_port;
 pub use tokio_serial::SerialStream;
@@ -32,6 +32,20 @@ pub enum Request {
 }
 
 impl Request {
+    /// The area, first address and count the request touches.
+    pub fn span(&self) -> (Area, Address, u16) {
+        match self {
+            Request::ReadCoils(a, n) => (Area::Coil, *a, *n),
+            Request::ReadDiscretes(a, n) => (Area::Discrete, *a, *n),
+            Request::ReadHolding(a, n) => (Area::Holding, *a, *n),
+            Request::ReadInput(a, n) => (Area::Input, *a, *n),
+            Request::WriteCoil(a, _) => (Area::Coil, *a, 1),
+            Request::WriteCoils(a, v) => (Area::Coil, *a, v.len() as u16),
+            Request::WriteRegister(a, _) => (Area::Holding, *a, 1),
+            Request::WriteRegisters(a, v) => (Area::Holding, *a, v.len() as u16),
+        }
+    }
+
     /// Bytes of the RTU request frame and of its normal response frame.
     pub fn frame_sizes(&self) -> (usize, usize) {
         let bits_bytes = |n: u16| usize::from(n).div_ceil(8);

@@ -1,0 +1,189 @@
+//! Shared harness: a real broker (embedded rumqttd), a subscriber that
+//! records what the platform receives, simulated slaves on a real pty, and
+//! the real `fieldgate` binary running against them.
+#![allow(dead_code)] // each test binary uses part of the harness
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, Transport};
+use serde_json::Value;
+
+pub use fieldgate::sim::{Pty, Slaves};
+
+/// One message as the platform side saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub at: Instant,
+    pub topic: String,
+    pub payload: Value,
+}
+
+/// A broker on a free loopback port.
+pub fn broker() -> u16 {
+    let port = fieldgate::broker::free_port().expect("free port");
+    fieldgate::broker::start(port, None).expect("broker starts");
+    port
+}
+
+/// Records every message on `#` at `port`.
+pub struct Subscriber {
+    seen: Arc<Mutex<Vec<Seen>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Subscriber {
+    pub async fn connect(port: u16) -> Self {
+        Self::connect_with(port, None).await
+    }
+
+    pub async fn connect_with(port: u16, transport: Option<Transport>) -> Self {
+        let id = format!("platform-{port}-{}", std::process::id());
+        let mut options = MqttOptions::new(id, "127.0.0.1", port);
+        if let Some(t) = transport {
+            options.set_transport(t);
+        }
+        let (client, mut events) = AsyncClient::new(options, 64);
+        client.subscribe("#", QoS::AtLeastOnce).await.expect("subscribe");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let mut ready_tx = Some(ready_tx);
+        let task = tokio::spawn(async move {
+            let _client = client;
+            loop {
+                match events.poll().await {
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        if let Some(tx) = ready_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let payload = serde_json::from_slice(&p.payload)
+                            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&p.payload).into()));
+                        sink.lock().unwrap().push(Seen {
+                            at: Instant::now(),
+                            topic: p.topic,
+                            payload,
+                        });
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(5), ready_rx)
+            .await
+            .expect("subscribed within 5 s")
+            .expect("subscriber alive");
+        Self { seen, task }
+    }
+
+    pub fn all(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn on(&self, topic: &str) -> Vec<Seen> {
+        self.all().into_iter().filter(|s| s.topic == topic).collect()
+    }
+
+    /// Waits until `done` holds for the messages so far, or panics after `limit`.
+    pub async fn wait_until(&self, limit: Duration, what: &str, done: impl Fn(&[Seen]) -> bool) -> Vec<Seen> {
+        let start = Instant::now();
+        loop {
+            let all = self.all();
+            if done(&all) {
+                return all;
+            }
+            if start.elapsed() > limit {
+                panic!("timed out after {limit:?} waiting for {what}; got {all:#?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The real `fieldgate run` process, with its stderr log in a file.
+pub struct Gateway {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    log: PathBuf,
+}
+
+impl Gateway {
+    /// Writes `config` (with `{data_dir}` filled in) and starts `fieldgate run`.
+    pub fn start(config: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = config.replace("{data_dir}", &dir.path().join("data").display().to_string());
+        let path = dir.path().join("fieldgate.toml");
+        std::fs::write(&path, config).expect("write config");
+        let log = dir.path().join("fieldgate.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_fieldgate"))
+            .args(["--config", path.to_str().unwrap(), "run"])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("fieldgate starts");
+        Self { child, dir, log }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn log_lines(&self, needle: &str) -> Vec<String> {
+        self.log().lines().filter(|l| l.contains(needle)).map(String::from).collect()
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("fieldgate.toml")
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `[gateway]`, `[platform]` and `[[bus]]` sections for a test.
+pub fn header(broker_port: u16, pty: &Path, bus_extra: &str) -> String {
+    format!(
+        r#"
+[gateway]
+id = "test-gw"
+data_dir = "{{data_dir}}"
+
+[platform]
+host = "127.0.0.1"
+port = {broker_port}
+access_token = "token"
+project_key = "key"
+max_publish_rate = 0
+
+[[bus]]
+name = "line"
+port = "{}"
+baud = 115200
+timeout = "300ms"
+{bus_extra}
+"#,
+        pty.display()
+    )
+}
+
+/// Payloads on `topic`, in arrival order.
+pub fn payloads(seen: &[Seen], topic: &str) -> Vec<Value> {
+    seen.iter().filter(|s| s.topic == topic).map(|s| s.payload.clone()).collect()
+}
