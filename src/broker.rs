@@ -11,13 +11,12 @@ pub fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// Starts a broker on `127.0.0.1:port` in its own thread; it serves until
-/// the process exits. `tls` is served when the broker is built with TLS.
-pub fn start(port: u16, tls: Option<TlsConfig>) -> std::io::Result<SocketAddr> {
-    let listen = SocketAddr::from(([127, 0, 0, 1], port));
-    let server = ServerSettings {
-        name: "v4".into(),
-        listen,
+/// A listener on `127.0.0.1:port`, serving `tls` when the broker is built
+/// with TLS.
+pub fn listener(port: u16, tls: Option<TlsConfig>) -> ServerSettings {
+    ServerSettings {
+        name: format!("v4-{port}"),
+        listen: SocketAddr::from(([127, 0, 0, 1], port)),
         tls,
         next_connection_delay_ms: 1,
         connections: ConnectionSettings {
@@ -28,6 +27,20 @@ pub fn start(port: u16, tls: Option<TlsConfig>) -> std::io::Result<SocketAddr> {
             external_auth: None,
             dynamic_filters: true,
         },
+    }
+}
+
+/// Starts a plain broker on `127.0.0.1:port`; it serves until the process
+/// exits.
+pub fn start(port: u16) -> std::io::Result<SocketAddr> {
+    start_listeners(vec![listener(port, None)])
+}
+
+/// Starts one broker with several listeners, in its own thread, and waits
+/// until the first accepts connections.
+pub fn start_listeners(listeners: Vec<ServerSettings>) -> std::io::Result<SocketAddr> {
+    let Some(first) = listeners.first().map(|l| l.listen) else {
+        return Err(std::io::Error::other("a broker needs a listener"));
     };
     let config = Config {
         id: 0,
@@ -38,7 +51,12 @@ pub fn start(port: u16, tls: Option<TlsConfig>) -> std::io::Result<SocketAddr> {
             max_segment_count: 10,
             ..RouterConfig::default()
         },
-        v4: Some(HashMap::from([("v4".to_string(), server)])),
+        v4: Some(
+            listeners
+                .into_iter()
+                .map(|l| (l.name.clone(), l))
+                .collect::<HashMap<_, _>>(),
+        ),
         ..Config::default()
     };
     std::thread::Builder::new()
@@ -48,15 +66,14 @@ pub fn start(port: u16, tls: Option<TlsConfig>) -> std::io::Result<SocketAddr> {
                 log::error!(target: "broker", "embedded broker stopped: {e}");
             }
         })?;
-    // Wait until it accepts connections.
     for _ in 0..200 {
-        if std::net::TcpStream::connect(listen).is_ok() {
-            return Ok(listen);
+        if std::net::TcpStream::connect(first).is_ok() {
+            return Ok(first);
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     Err(std::io::Error::new(
         std::io::ErrorKind::TimedOut,
-        format!("embedded broker did not start on {listen}"),
+        format!("embedded broker did not start on {first}"),
     ))
 }

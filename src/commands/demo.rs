@@ -23,7 +23,7 @@ pub async fn run() -> anyhow::Result<()> {
         }
     }
     let port = broker::free_port()?;
-    let listen = broker::start(port, None).context("starting the embedded broker")?;
+    let listen = broker::start(port).context("starting the embedded broker")?;
     let platform = config.platform.as_mut().context("demo config has a platform")?;
     platform.host = listen.ip().to_string();
     platform.port = listen.port();

@@ -198,6 +198,16 @@ impl Area {
         }
     }
 
+    /// "a coil", "an input register": for messages.
+    pub fn noun(self) -> &'static str {
+        match self {
+            Area::Coil => "a coil",
+            Area::Discrete => "a discrete input",
+            Area::Input => "an input register",
+            Area::Holding => "a holding register",
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Area::Coil => "coil",

@@ -702,14 +702,14 @@ fn convert_point(raw: &Spanned<RawPoint>) -> Result<Point> {
     if area.is_bits() && ty != RawType::Bool {
         return violation(
             raw.kind.span(),
-            format!("a {area} holds one bit; its type must be \"bool\""),
+            format!("{} holds one bit; its type must be \"bool\"", area.noun()),
         );
     }
     if let Some(bit) = &raw.bit {
         if area.is_bits() {
             return violation(
                 bit.span(),
-                format!("bit selects a bit of a register; a {area} is already a single bit"),
+                format!("bit selects a bit of a register; {} is already a single bit", area.noun()),
             );
         }
         if ty != RawType::Bool {
@@ -795,7 +795,7 @@ fn convert_point(raw: &Spanned<RawPoint>) -> Result<Point> {
         Some(w) if *w.get_ref() && !matches!(area, Area::Holding | Area::Coil) => {
             return violation(
                 w.span(),
-                format!("a {area} is read-only in Modbus; only holding registers and coils can be writable"),
+                format!("{} is read-only in Modbus; only holding registers and coils can be writable", area.noun()),
             )
         }
         Some(w) if *w.get_ref() && matches!(kind, Kind::String { .. }) => {
@@ -824,7 +824,7 @@ fn convert_point(raw: &Spanned<RawPoint>) -> Result<Point> {
     };
     if let Some(o) = &raw.order {
         if area.is_bits() {
-            return violation(o.span(), format!("order has no meaning for a {area}"));
+            return violation(o.span(), format!("order has no meaning for {}", area.noun()));
         }
     }
     Ok(Point {

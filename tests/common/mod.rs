@@ -24,7 +24,7 @@ pub struct Seen {
 /// A broker on a free loopback port.
 pub fn broker() -> u16 {
     let port = fieldgate::broker::free_port().expect("free port");
-    fieldgate::broker::start(port, None).expect("broker starts");
+    fieldgate::broker::start(port).expect("broker starts");
     port
 }
 

@@ -1,0 +1,154 @@
+//! The command line as a user meets it: exit codes, error locations, `check`,
+//! `demo`, and commissioning (`simulate` + `read` + `scan`) through the binary.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn fieldgate() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fieldgate"));
+    cmd.env_remove("FIELDGATE_CONFIG").env_remove("RUST_LOG");
+    cmd
+}
+
+fn repo(path: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path).display().to_string()
+}
+
+#[test]
+fn six_invalid_configs_exit_2_naming_file_line_and_column() {
+    let cases = [
+        ("unknown_key", "16:1", "unknown field `adress`"),
+        ("duplicate_point", "20:8", "duplicate point \"voltage\""),
+        ("missing_bus", "10:7", "unknown bus \"rs485-2\""),
+        ("bit_on_coil", "18:7", "a coil is already a single bit"),
+        ("unit_zero", "11:8", "unit 0 is not a valid slave id"),
+        ("writable_input", "19:12", "an input register is read-only"),
+    ];
+    for (name, place, message) in cases {
+        let path = repo(&format!("tests/configs/invalid/{name}.toml"));
+        let out = fieldgate().args(["--config", &path, "check"]).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
+        assert!(stderr.contains(&format!("{path}:{place}: ")), "{name}: {stderr}");
+        assert!(stderr.contains(message), "{name}: {stderr}");
+    }
+}
+
+#[test]
+fn usage_errors_exit_2_and_a_missing_file_is_named() {
+    let out = fieldgate().args(["--config", "/nonexistent/f.toml", "check"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/f.toml"));
+    let out = fieldgate().arg("frobnicate").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let example = repo("config/fieldgate.toml");
+    let out = fieldgate().args(["--config", &example, "read", "no-such-device"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no device \"no-such-device\""));
+}
+
+#[test]
+fn check_prints_the_plan_and_warns_when_a_bus_is_over_budget() {
+    let example = repo("config/fieldgate.toml");
+    let out = fieldgate().args(["--config", &example, "check"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("OK (1 buses, 2 devices, 9 points"), "{stdout}");
+    assert!(stdout.contains("FC04 input"), "{stdout}");
+    assert!(!stdout.contains("warning"), "{stdout}");
+
+    // Same map at 1200 baud polled every 100 ms cannot fit.
+    let slow = std::fs::read_to_string(&example)
+        .unwrap()
+        .replace("baud = 9600", "baud = 1200")
+        .replace("poll = \"5s\"", "poll = \"100ms\"");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("slow.toml");
+    std::fs::write(&path, slow).unwrap();
+    let out = fieldgate().args(["--config", path.to_str().unwrap(), "check"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(stdout.contains("warning: bus rs485-1 is over budget"), "{stdout}");
+}
+
+/// Kills the child process when the test ends, even by panic.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Reads a child's stdout lines until `pred` matches one, within `limit`.
+fn wait_for_line(
+    lines: &mut impl Iterator<Item = std::io::Result<String>>,
+    limit: Duration,
+    pred: impl Fn(&str) -> bool,
+) -> Option<String> {
+    let start = Instant::now();
+    for line in lines {
+        let line = line.ok()?;
+        if pred(&line) {
+            return Some(line);
+        }
+        if start.elapsed() > limit {
+            return None;
+        }
+    }
+    None
+}
+
+#[test]
+fn demo_shows_platform_messages_within_5_seconds() {
+    let start = Instant::now();
+    let mut child = Running(fieldgate().arg("demo").stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap());
+    let mut lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
+    let own = wait_for_line(&mut lines, Duration::from_secs(5), |l| l.contains("] attributes  {"));
+    let sub = wait_for_line(&mut lines, Duration::from_secs(5), |l| l.contains("] gateway/attributes  {"));
+    let elapsed = start.elapsed();
+    assert!(own.is_some() && sub.is_some(), "demo printed no platform messages");
+    assert!(elapsed < Duration::from_secs(5), "first messages after {elapsed:?}");
+}
+
+#[test]
+fn simulate_then_read_and_scan_through_the_binary() {
+    let example = repo("config/fieldgate.toml");
+    let mut sim = Running(
+        fieldgate()
+            .args(["--config", &example, "simulate"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(sim.0.stdout.take().unwrap()).lines();
+    let line = wait_for_line(&mut lines, Duration::from_secs(5), |l| l.starts_with("bus rs485-1: "))
+        .expect("simulate prints its pty");
+    let pty = line.split_whitespace().nth(2).unwrap().to_string();
+
+    let config = std::fs::read_to_string(&example).unwrap().replace("/dev/ttyUSB0", &pty);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sim.toml");
+    std::fs::write(&path, config).unwrap();
+    let path = path.to_str().unwrap();
+
+    let read = fieldgate().args(["--config", path, "read", "tc-1"]).output().unwrap();
+    let table = String::from_utf8_lossy(&read.stdout);
+    assert_eq!(read.status.code(), Some(0), "{table}{}", String::from_utf8_lossy(&read.stderr));
+    assert!(table.contains("firmware") && table.contains("\"SIM-2-fi\""), "{table}");
+    assert!(table.contains("temperature") && table.contains("°C"), "{table}");
+
+    let one = fieldgate().args(["--config", path, "read", "meter-a", "voltage"]).output().unwrap();
+    let table = String::from_utf8_lossy(&one.stdout);
+    assert!(table.contains("voltage") && !table.contains("current"), "{table}");
+
+    let scan = fieldgate().args(["--config", path, "scan", "rs485-1", "--units", "1-4"]).output().unwrap();
+    let report = String::from_utf8_lossy(&scan.stdout);
+    assert_eq!(scan.status.code(), Some(0), "{report}");
+    assert!(report.contains("unit 1: answers") && report.contains("unit 2: answers"), "{report}");
+    assert!(!report.contains("unit 3") && report.contains("2 of 4 unit ids answered"), "{report}");
+}
