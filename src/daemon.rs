@@ -5,8 +5,8 @@ use anyhow::Context as _;
 use tokio::sync::{mpsc, watch};
 
 use crate::bus::Bus;
-use crate::config::{BusMode, Config};
 use crate::commands::Usage;
+use crate::config::{BusMode, Config};
 use crate::platform;
 use crate::poll::{Poller, Reading};
 

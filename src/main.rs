@@ -70,7 +70,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Run => daemon::run(load()?, daemon::shutdown_on_signals()?).await,
         Command::Check => {
             let config = load()?;
-            let (report, _warnings) = commands::check::report(&config, &cli.config.display().to_string());
+            let (report, _warnings) =
+                commands::check::report(&config, &cli.config.display().to_string());
             print!("{report}");
             Ok(())
         }

@@ -14,6 +14,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::sys::termios;
 use tokio_modbus::{ExceptionCode, Response, SlaveRequest};
 
@@ -94,22 +95,30 @@ impl Unit {
 
     /// Executes one request: `None` when the slave stays silent.
     fn execute(&mut self, request: &Request) -> Result<Response, ExceptionCode> {
-        let read_regs = |u: &mut Unit, area: Area, a: u16, n: u16| -> Result<Vec<u16>, ExceptionCode> {
-            if let Some(code) = u.exception_for(area, a, n) {
-                return Err(code);
-            }
-            let map = u.registers(area);
-            Ok((0..n).map(|i| map.get(&a.wrapping_add(i)).copied().unwrap_or(0)).collect())
-        };
-        let read_bits = |u: &mut Unit, area: Area, a: u16, n: u16| -> Result<Vec<bool>, ExceptionCode> {
-            if let Some(code) = u.exception_for(area, a, n) {
-                return Err(code);
-            }
-            let map = u.bits(area);
-            Ok((0..n).map(|i| map.get(&a.wrapping_add(i)).copied().unwrap_or(false)).collect())
-        };
+        let read_regs =
+            |u: &mut Unit, area: Area, a: u16, n: u16| -> Result<Vec<u16>, ExceptionCode> {
+                if let Some(code) = u.exception_for(area, a, n) {
+                    return Err(code);
+                }
+                let map = u.registers(area);
+                Ok((0..n)
+                    .map(|i| map.get(&a.wrapping_add(i)).copied().unwrap_or(0))
+                    .collect())
+            };
+        let read_bits =
+            |u: &mut Unit, area: Area, a: u16, n: u16| -> Result<Vec<bool>, ExceptionCode> {
+                if let Some(code) = u.exception_for(area, a, n) {
+                    return Err(code);
+                }
+                let map = u.bits(area);
+                Ok((0..n)
+                    .map(|i| map.get(&a.wrapping_add(i)).copied().unwrap_or(false))
+                    .collect())
+            };
         match request {
-            Request::ReadCoils(a, n) => read_bits(self, Area::Coil, *a, *n).map(Response::ReadCoils),
+            Request::ReadCoils(a, n) => {
+                read_bits(self, Area::Coil, *a, *n).map(Response::ReadCoils)
+            }
             Request::ReadDiscretes(a, n) => {
                 read_bits(self, Area::Discrete, *a, *n).map(Response::ReadDiscreteInputs)
             }
@@ -125,19 +134,22 @@ impl Unit {
                 Ok(Response::WriteSingleCoil(*a, *v))
             }
             Request::WriteCoils(a, v) => {
-                self.exception_for(Area::Coil, *a, v.len() as u16).map_or(Ok(()), Err)?;
+                self.exception_for(Area::Coil, *a, v.len() as u16)
+                    .map_or(Ok(()), Err)?;
                 for (i, b) in v.iter().enumerate() {
                     self.coils.insert(a.wrapping_add(i as u16), *b);
                 }
                 Ok(Response::WriteMultipleCoils(*a, v.len() as u16))
             }
             Request::WriteRegister(a, v) => {
-                self.exception_for(Area::Holding, *a, 1).map_or(Ok(()), Err)?;
+                self.exception_for(Area::Holding, *a, 1)
+                    .map_or(Ok(()), Err)?;
                 self.holding.insert(*a, *v);
                 Ok(Response::WriteSingleRegister(*a, *v))
             }
             Request::WriteRegisters(a, v) => {
-                self.exception_for(Area::Holding, *a, v.len() as u16).map_or(Ok(()), Err)?;
+                self.exception_for(Area::Holding, *a, v.len() as u16)
+                    .map_or(Ok(()), Err)?;
                 self.set_registers(Area::Holding, *a, v);
                 Ok(Response::WriteMultipleRegisters(*a, v.len() as u16))
             }
@@ -233,7 +245,8 @@ impl Slaves {
                                 let mid = (lo + hi) / 2.0;
                                 Value::Float(mid + (hi - lo) / 2.0 * (t / 30.0 + phase).sin())
                             };
-                            let current = unit.registers(p.area).get(&p.address).copied().unwrap_or(0);
+                            let current =
+                                unit.registers(p.area).get(&p.address).copied().unwrap_or(0);
                             if let Ok(regs) = codec::encode_registers(p, &value, current) {
                                 unit.set_registers(p.area, p.address, &regs);
                             }
@@ -248,6 +261,11 @@ impl Slaves {
     /// names the path a master (fieldgate) opens.
     pub fn serve(&self) -> io::Result<Pty> {
         let pty = nix::pty::openpty(None, None).map_err(io::Error::from)?;
+        // Not inherited by processes we spawn: a child holding the master
+        // would keep the line up after we close it.
+        for fd in [&pty.master, &pty.slave] {
+            fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).map_err(io::Error::from)?;
+        }
         // Raw mode from the start: no echo or line editing before a master
         // opens the port and sets its own line settings.
         let mut tio = termios::tcgetattr(&pty.slave).map_err(io::Error::from)?;
@@ -285,7 +303,11 @@ fn synthetic_range(p: &config::Point) -> (f64, f64) {
         Kind::U16 | Kind::U32 | Kind::U64 => 1000.0,
         _ => 500.0,
     };
-    let raw_lo = if matches!(p.kind, Kind::U16 | Kind::U32 | Kind::U64) { 0.0 } else { -500.0 };
+    let raw_lo = if matches!(p.kind, Kind::U16 | Kind::U32 | Kind::U64) {
+        0.0
+    } else {
+        -500.0
+    };
     let a = raw_lo * p.scale + p.offset;
     let b = raw_hi * p.scale + p.offset;
     (a.min(b), a.max(b))
@@ -344,7 +366,9 @@ impl tokio_modbus::server::Service for Service {
                     at: Instant::now(),
                 });
                 match state.units.get_mut(&req.slave) {
-                    Some(unit) if !unit.silent => (Some(unit.execute(&request)), unit.delay_for(&request)),
+                    Some(unit) if !unit.silent => {
+                        (Some(unit.execute(&request)), unit.delay_for(&request))
+                    }
                     _ => (None, Duration::ZERO),
                 }
             };

@@ -13,7 +13,10 @@ fn fieldgate() -> Command {
 }
 
 fn repo(path: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(path).display().to_string()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(path)
+        .display()
+        .to_string()
 }
 
 #[test]
@@ -28,23 +31,35 @@ fn six_invalid_configs_exit_2_naming_file_line_and_column() {
     ];
     for (name, place, message) in cases {
         let path = repo(&format!("tests/configs/invalid/{name}.toml"));
-        let out = fieldgate().args(["--config", &path, "check"]).output().unwrap();
+        let out = fieldgate()
+            .args(["--config", &path, "check"])
+            .output()
+            .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
-        assert!(stderr.contains(&format!("{path}:{place}: ")), "{name}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{path}:{place}: ")),
+            "{name}: {stderr}"
+        );
         assert!(stderr.contains(message), "{name}: {stderr}");
     }
 }
 
 #[test]
 fn usage_errors_exit_2_and_a_missing_file_is_named() {
-    let out = fieldgate().args(["--config", "/nonexistent/f.toml", "check"]).output().unwrap();
+    let out = fieldgate()
+        .args(["--config", "/nonexistent/f.toml", "check"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/f.toml"));
     let out = fieldgate().arg("frobnicate").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let example = repo("config/fieldgate.toml");
-    let out = fieldgate().args(["--config", &example, "read", "no-such-device"]).output().unwrap();
+    let out = fieldgate()
+        .args(["--config", &example, "read", "no-such-device"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no device \"no-such-device\""));
 }
@@ -52,10 +67,16 @@ fn usage_errors_exit_2_and_a_missing_file_is_named() {
 #[test]
 fn check_prints_the_plan_and_warns_when_a_bus_is_over_budget() {
     let example = repo("config/fieldgate.toml");
-    let out = fieldgate().args(["--config", &example, "check"]).output().unwrap();
+    let out = fieldgate()
+        .args(["--config", &example, "check"])
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
-    assert!(stdout.contains("OK (1 buses, 2 devices, 9 points"), "{stdout}");
+    assert!(
+        stdout.contains("OK (1 buses, 2 devices, 9 points"),
+        "{stdout}"
+    );
     assert!(stdout.contains("FC04 input"), "{stdout}");
     assert!(!stdout.contains("warning"), "{stdout}");
 
@@ -67,10 +88,16 @@ fn check_prints_the_plan_and_warns_when_a_bus_is_over_budget() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("slow.toml");
     std::fs::write(&path, slow).unwrap();
-    let out = fieldgate().args(["--config", path.to_str().unwrap(), "check"]).output().unwrap();
+    let out = fieldgate()
+        .args(["--config", path.to_str().unwrap(), "check"])
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0));
-    assert!(stdout.contains("warning: bus rs485-1 is over budget"), "{stdout}");
+    assert!(
+        stdout.contains("warning: bus rs485-1 is over budget"),
+        "{stdout}"
+    );
 }
 
 /// Kills the child process when the test ends, even by panic.
@@ -105,13 +132,30 @@ fn wait_for_line(
 #[test]
 fn demo_shows_platform_messages_within_5_seconds() {
     let start = Instant::now();
-    let mut child = Running(fieldgate().arg("demo").stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap());
+    let mut child = Running(
+        fieldgate()
+            .arg("demo")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let mut lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
-    let own = wait_for_line(&mut lines, Duration::from_secs(5), |l| l.contains("] attributes  {"));
-    let sub = wait_for_line(&mut lines, Duration::from_secs(5), |l| l.contains("] gateway/attributes  {"));
+    let own = wait_for_line(&mut lines, Duration::from_secs(5), |l| {
+        l.contains("] attributes  {")
+    });
+    let sub = wait_for_line(&mut lines, Duration::from_secs(5), |l| {
+        l.contains("] gateway/attributes  {")
+    });
     let elapsed = start.elapsed();
-    assert!(own.is_some() && sub.is_some(), "demo printed no platform messages");
-    assert!(elapsed < Duration::from_secs(5), "first messages after {elapsed:?}");
+    assert!(
+        own.is_some() && sub.is_some(),
+        "demo printed no platform messages"
+    );
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "first messages after {elapsed:?}"
+    );
 }
 
 #[test]
@@ -126,29 +170,62 @@ fn simulate_then_read_and_scan_through_the_binary() {
             .unwrap(),
     );
     let mut lines = BufReader::new(sim.0.stdout.take().unwrap()).lines();
-    let line = wait_for_line(&mut lines, Duration::from_secs(5), |l| l.starts_with("bus rs485-1: "))
-        .expect("simulate prints its pty");
+    let line = wait_for_line(&mut lines, Duration::from_secs(5), |l| {
+        l.starts_with("bus rs485-1: ")
+    })
+    .expect("simulate prints its pty");
     let pty = line.split_whitespace().nth(2).unwrap().to_string();
 
-    let config = std::fs::read_to_string(&example).unwrap().replace("/dev/ttyUSB0", &pty);
+    let config = std::fs::read_to_string(&example)
+        .unwrap()
+        .replace("/dev/ttyUSB0", &pty);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("sim.toml");
     std::fs::write(&path, config).unwrap();
     let path = path.to_str().unwrap();
 
-    let read = fieldgate().args(["--config", path, "read", "tc-1"]).output().unwrap();
+    let read = fieldgate()
+        .args(["--config", path, "read", "tc-1"])
+        .output()
+        .unwrap();
     let table = String::from_utf8_lossy(&read.stdout);
-    assert_eq!(read.status.code(), Some(0), "{table}{}", String::from_utf8_lossy(&read.stderr));
-    assert!(table.contains("firmware") && table.contains("\"SIM-2-fi\""), "{table}");
-    assert!(table.contains("temperature") && table.contains("°C"), "{table}");
+    assert_eq!(
+        read.status.code(),
+        Some(0),
+        "{table}{}",
+        String::from_utf8_lossy(&read.stderr)
+    );
+    assert!(
+        table.contains("firmware") && table.contains("\"SIM-2-fi\""),
+        "{table}"
+    );
+    assert!(
+        table.contains("temperature") && table.contains("°C"),
+        "{table}"
+    );
 
-    let one = fieldgate().args(["--config", path, "read", "meter-a", "voltage"]).output().unwrap();
+    let one = fieldgate()
+        .args(["--config", path, "read", "meter-a", "voltage"])
+        .output()
+        .unwrap();
     let table = String::from_utf8_lossy(&one.stdout);
-    assert!(table.contains("voltage") && !table.contains("current"), "{table}");
+    assert!(
+        table.contains("voltage") && !table.contains("current"),
+        "{table}"
+    );
 
-    let scan = fieldgate().args(["--config", path, "scan", "rs485-1", "--units", "1-4"]).output().unwrap();
+    let scan = fieldgate()
+        .args(["--config", path, "scan", "rs485-1", "--units", "1-4"])
+        .output()
+        .unwrap();
     let report = String::from_utf8_lossy(&scan.stdout);
     assert_eq!(scan.status.code(), Some(0), "{report}");
-    assert!(report.contains("unit 1: answers") && report.contains("unit 2: answers"), "{report}");
-    assert!(!report.contains("unit 3") && report.contains("2 of 4 unit ids answered"), "{report}");
+    assert!(
+        report.contains("unit 1: answers") && report.contains("unit 2: answers"),
+        "{report}"
+    );
+    assert!(
+        !report.contains("unit 3") && report.contains("2 of 4 unit ids answered"),
+        "{report}"
+    );
 }

@@ -55,30 +55,72 @@ async fn two_devices_twenty_points_give_exact_json() {
     let platform = Subscriber::connect(port).await;
 
     let mut config = header(port, &pty.path, "");
-    config += &device("meter", 1, "300ms", "", &[
-        ("voltage", "area = \"input\"\naddress = 0\ntype = \"u16\"\nscale = 0.1"),
-        ("current", "area = \"input\"\naddress = 1\ntype = \"f32\""),
-        ("power", "area = \"input\"\naddress = 3\ntype = \"i32\"\norder = \"CDAB\""),
-        ("energy", "area = \"input\"\naddress = 5\ntype = \"u32\""),
-        ("total", "area = \"input\"\naddress = 7\ntype = \"f64\""),
-        ("relay1", "area = \"coil\"\naddress = 0\ntype = \"bool\""),
-        ("relay2", "area = \"coil\"\naddress = 1\ntype = \"bool\""),
-        ("alarm", "area = \"holding\"\naddress = 0\ntype = \"bool\"\nbit = 3"),
-        ("fault", "area = \"holding\"\naddress = 0\ntype = \"bool\"\nbit = 0"),
-        ("temp", "area = \"holding\"\naddress = 1\ntype = \"i16\"\nscale = 0.5\noffset = -10.0"),
-    ]);
-    config += &device("pump", 2, "300ms", "key = \"sub-1\"", &[
-        ("level", "area = \"holding\"\naddress = 0\ntype = \"u16\""),
-        ("trim", "area = \"holding\"\naddress = 1\ntype = \"i16\""),
-        ("big", "area = \"holding\"\naddress = 2\ntype = \"i64\""),
-        ("count", "area = \"holding\"\naddress = 6\ntype = \"u64\"\norder = \"DCBA\""),
-        ("ratio", "area = \"holding\"\naddress = 10\ntype = \"f32\"\norder = \"BADC\""),
-        ("flow", "area = \"holding\"\naddress = 12\ntype = \"f32\"\norder = \"DCBA\""),
-        ("name", "area = \"holding\"\naddress = 20\ntype = \"string\"\nlength = 4"),
-        ("running", "area = \"discrete\"\naddress = 0\ntype = \"bool\""),
-        ("door", "area = \"discrete\"\naddress = 3\ntype = \"bool\""),
-        ("speed", "area = \"input\"\naddress = 0\ntype = \"u16\""),
-    ]);
+    config += &device(
+        "meter",
+        1,
+        "300ms",
+        "",
+        &[
+            (
+                "voltage",
+                "area = \"input\"\naddress = 0\ntype = \"u16\"\nscale = 0.1",
+            ),
+            ("current", "area = \"input\"\naddress = 1\ntype = \"f32\""),
+            (
+                "power",
+                "area = \"input\"\naddress = 3\ntype = \"i32\"\norder = \"CDAB\"",
+            ),
+            ("energy", "area = \"input\"\naddress = 5\ntype = \"u32\""),
+            ("total", "area = \"input\"\naddress = 7\ntype = \"f64\""),
+            ("relay1", "area = \"coil\"\naddress = 0\ntype = \"bool\""),
+            ("relay2", "area = \"coil\"\naddress = 1\ntype = \"bool\""),
+            (
+                "alarm",
+                "area = \"holding\"\naddress = 0\ntype = \"bool\"\nbit = 3",
+            ),
+            (
+                "fault",
+                "area = \"holding\"\naddress = 0\ntype = \"bool\"\nbit = 0",
+            ),
+            (
+                "temp",
+                "area = \"holding\"\naddress = 1\ntype = \"i16\"\nscale = 0.5\noffset = -10.0",
+            ),
+        ],
+    );
+    config += &device(
+        "pump",
+        2,
+        "300ms",
+        "key = \"sub-1\"",
+        &[
+            ("level", "area = \"holding\"\naddress = 0\ntype = \"u16\""),
+            ("trim", "area = \"holding\"\naddress = 1\ntype = \"i16\""),
+            ("big", "area = \"holding\"\naddress = 2\ntype = \"i64\""),
+            (
+                "count",
+                "area = \"holding\"\naddress = 6\ntype = \"u64\"\norder = \"DCBA\"",
+            ),
+            (
+                "ratio",
+                "area = \"holding\"\naddress = 10\ntype = \"f32\"\norder = \"BADC\"",
+            ),
+            (
+                "flow",
+                "area = \"holding\"\naddress = 12\ntype = \"f32\"\norder = \"DCBA\"",
+            ),
+            (
+                "name",
+                "area = \"holding\"\naddress = 20\ntype = \"string\"\nlength = 4",
+            ),
+            (
+                "running",
+                "area = \"discrete\"\naddress = 0\ntype = \"bool\"",
+            ),
+            ("door", "area = \"discrete\"\naddress = 3\ntype = \"bool\""),
+            ("speed", "area = \"input\"\naddress = 0\ntype = \"u16\""),
+        ],
+    );
     let gw = Gateway::start(&config);
 
     let seen = platform
@@ -107,9 +149,21 @@ async fn two_devices_twenty_points_give_exact_json() {
     // Coalescing: the meter needs 3 reads (input 0..10, coils 0..1, holding 0..1).
     let meter_reads = slaves.received().iter().filter(|r| r.unit == 1).count();
     assert!(meter_reads >= 3);
-    let first_poll: Vec<_> = slaves.received().into_iter().filter(|r| r.unit == 1).take(3).collect();
+    let first_poll: Vec<_> = slaves
+        .received()
+        .into_iter()
+        .filter(|r| r.unit == 1)
+        .take(3)
+        .collect();
     let spans: Vec<_> = first_poll.iter().map(|r| r.request.span()).collect();
-    assert_eq!(spans, [(Area::Coil, 0, 2), (Area::Input, 0, 11), (Area::Holding, 0, 2)]);
+    assert_eq!(
+        spans,
+        [
+            (Area::Coil, 0, 2),
+            (Area::Input, 0, 11),
+            (Area::Holding, 0, 2)
+        ]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -121,18 +175,36 @@ async fn a_dead_slave_is_logged_once_and_its_neighbour_keeps_reporting() {
     let port = broker();
     let platform = Subscriber::connect(port).await;
     let mut config = header(port, &pty.path, "retries = 1");
-    config += &device("alive", 1, "200ms", "", &[("a", "area = \"holding\"\naddress = 0\ntype = \"u16\"")]);
-    config += &device("dead", 2, "200ms", "key = \"d\"", &[("b", "area = \"holding\"\naddress = 0\ntype = \"u16\"")]);
+    config += &device(
+        "alive",
+        1,
+        "200ms",
+        "",
+        &[("a", "area = \"holding\"\naddress = 0\ntype = \"u16\"")],
+    );
+    config += &device(
+        "dead",
+        2,
+        "200ms",
+        "key = \"d\"",
+        &[("b", "area = \"holding\"\naddress = 0\ntype = \"u16\"")],
+    );
     let gw = Gateway::start(&config);
 
     platform
-        .wait_until(Duration::from_secs(10), "10 reports of the live device", |s| {
-            payloads(s, "attributes").len() >= 10
-        })
+        .wait_until(
+            Duration::from_secs(10),
+            "10 reports of the live device",
+            |s| payloads(s, "attributes").len() >= 10,
+        )
         .await;
     assert!(payloads(&platform.all(), "gateway/attributes").is_empty());
     let lines = gw.log_lines("device dead");
-    assert_eq!(lines.len(), 1, "logged once per state change, got {lines:#?}");
+    assert_eq!(
+        lines.len(),
+        1,
+        "logged once per state change, got {lines:#?}"
+    );
     assert!(lines[0].contains("not responding"), "{lines:?}");
 
     // It comes back: logged once more, and it reports again.
@@ -152,27 +224,39 @@ async fn an_exception_on_one_block_keeps_the_other_points() {
     let slaves = Slaves::new();
     slaves.unit(1, |u| {
         u.set_registers(Area::Input, 0, &[11, 22]);
-        u.exceptions.push((Area::Holding, 100..=101, ExceptionCode::IllegalDataAddress));
+        u.exceptions
+            .push((Area::Holding, 100..=101, ExceptionCode::IllegalDataAddress));
     });
     let pty = slaves.serve().unwrap();
     let port = broker();
     let platform = Subscriber::connect(port).await;
     let mut config = header(port, &pty.path, "");
-    config += &device("m", 1, "200ms", "", &[
-        ("x", "area = \"input\"\naddress = 0\ntype = \"u16\""),
-        ("y", "area = \"input\"\naddress = 1\ntype = \"u16\""),
-        ("z", "area = \"holding\"\naddress = 100\ntype = \"u32\""),
-    ]);
+    config += &device(
+        "m",
+        1,
+        "200ms",
+        "",
+        &[
+            ("x", "area = \"input\"\naddress = 0\ntype = \"u16\""),
+            ("y", "area = \"input\"\naddress = 1\ntype = \"u16\""),
+            ("z", "area = \"holding\"\naddress = 100\ntype = \"u32\""),
+        ],
+    );
     let gw = Gateway::start(&config);
     let seen = platform
-        .wait_until(Duration::from_secs(10), "5 reports", |s| payloads(s, "attributes").len() >= 5)
+        .wait_until(Duration::from_secs(10), "5 reports", |s| {
+            payloads(s, "attributes").len() >= 5
+        })
         .await;
     for p in payloads(&seen, "attributes") {
         assert_eq!(p, json!({"x": 11, "y": 22}));
     }
     let lines = gw.log_lines("cannot read");
     assert_eq!(lines.len(), 1, "{lines:#?}");
-    assert!(lines[0].contains("exception 0x02") && lines[0].contains("holding 100..101"), "{lines:?}");
+    assert!(
+        lines[0].contains("exception 0x02") && lines[0].contains("holding 100..101"),
+        "{lines:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -183,21 +267,30 @@ async fn a_late_reply_is_never_taken_for_the_next_answer() {
     slaves.unit(1, |u| {
         u.set_registers(Area::Holding, 0, &[1111, 1112]);
         u.set_registers(Area::Holding, 60, &[2221, 2222]);
-        u.slow.push((Area::Holding, 0..=1, Duration::from_millis(400)));
+        u.slow
+            .push((Area::Holding, 0..=1, Duration::from_millis(400)));
     });
     let pty = slaves.serve().unwrap();
     let port = broker();
     let platform = Subscriber::connect(port).await;
     let mut config = header(port, &pty.path, "retries = 1");
-    config += &device("m", 1, "500ms", "", &[
-        ("a", "area = \"holding\"\naddress = 0\ntype = \"u16\""),
-        ("a2", "area = \"holding\"\naddress = 1\ntype = \"u16\""),
-        ("b", "area = \"holding\"\naddress = 60\ntype = \"u16\""),
-        ("b2", "area = \"holding\"\naddress = 61\ntype = \"u16\""),
-    ]);
+    config += &device(
+        "m",
+        1,
+        "500ms",
+        "",
+        &[
+            ("a", "area = \"holding\"\naddress = 0\ntype = \"u16\""),
+            ("a2", "area = \"holding\"\naddress = 1\ntype = \"u16\""),
+            ("b", "area = \"holding\"\naddress = 60\ntype = \"u16\""),
+            ("b2", "area = \"holding\"\naddress = 61\ntype = \"u16\""),
+        ],
+    );
     let gw = Gateway::start(&config);
     let seen = platform
-        .wait_until(Duration::from_secs(20), "5 reports", |s| payloads(s, "attributes").len() >= 5)
+        .wait_until(Duration::from_secs(20), "5 reports", |s| {
+            payloads(s, "attributes").len() >= 5
+        })
         .await;
     for p in payloads(&seen, "attributes") {
         assert_eq!(p, json!({"b": 2221, "b2": 2222}), "log:\n{}", gw.log());
@@ -211,15 +304,35 @@ async fn a_dead_unit_backs_off_while_its_neighbour_keeps_its_interval() {
     slaves.unit(3, |u| u.silent = true);
     let pty = slaves.serve().unwrap();
     let port = broker();
-    let mut config = header(port, &pty.path, "retries = 0\ntimeout = \"100ms\"").replace("timeout = \"300ms\"\n", "");
-    config += &device("alive", 1, "250ms", "", &[("a", "area = \"holding\"\naddress = 0\ntype = \"u16\"")]);
-    config += &device("dead", 3, "250ms", "key = \"d\"", &[("b", "area = \"holding\"\naddress = 0\ntype = \"u16\"")]);
+    let mut config = header(port, &pty.path, "retries = 0\ntimeout = \"100ms\"")
+        .replace("timeout = \"300ms\"\n", "");
+    config += &device(
+        "alive",
+        1,
+        "250ms",
+        "",
+        &[("a", "area = \"holding\"\naddress = 0\ntype = \"u16\"")],
+    );
+    config += &device(
+        "dead",
+        3,
+        "250ms",
+        "key = \"d\"",
+        &[("b", "area = \"holding\"\naddress = 0\ntype = \"u16\"")],
+    );
     let _gw = Gateway::start(&config);
     tokio::time::sleep(Duration::from_millis(7500)).await;
 
     let times = |unit: u8| -> Vec<f64> {
-        let at: Vec<_> = slaves.received().into_iter().filter(|r| r.unit == unit).map(|r| r.at).collect();
-        at.windows(2).map(|w| (w[1] - w[0]).as_secs_f64() * 1000.0).collect()
+        let at: Vec<_> = slaves
+            .received()
+            .into_iter()
+            .filter(|r| r.unit == unit)
+            .map(|r| r.at)
+            .collect();
+        at.windows(2)
+            .map(|w| (w[1] - w[0]).as_secs_f64() * 1000.0)
+            .collect()
     };
     let dead = times(3);
     // 1x, 1x, 1x, then 2x, 3x, 4x, ... the 250 ms interval.
@@ -231,7 +344,10 @@ async fn a_dead_unit_backs_off_while_its_neighbour_keeps_its_interval() {
     let mut alive = times(1);
     alive.sort_by(f64::total_cmp);
     let median = alive[alive.len() / 2];
-    assert!((median - 250.0).abs() < 30.0, "neighbour's median gap {median} ms");
+    assert!(
+        (median - 250.0).abs() < 30.0,
+        "neighbour's median gap {median} ms"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -242,26 +358,124 @@ async fn report_on_change_honours_deadband_and_heartbeat() {
     let port = broker();
     let platform = Subscriber::connect(port).await;
     let mut config = header(port, &pty.path, "");
-    config += &device("m", 1, "100ms", "report = \"change\"\nheartbeat = \"3s\"", &[
-        ("temp", "area = \"holding\"\naddress = 0\ntype = \"u16\"\nscale = 0.1\ndeadband = 0.5"),
-        ("mode", "area = \"holding\"\naddress = 1\ntype = \"u16\""),
-    ]);
+    config += &device(
+        "m",
+        1,
+        "100ms",
+        "report = \"change\"\nheartbeat = \"3s\"",
+        &[
+            (
+                "temp",
+                "area = \"holding\"\naddress = 0\ntype = \"u16\"\nscale = 0.1\ndeadband = 0.5",
+            ),
+            ("mode", "area = \"holding\"\naddress = 1\ntype = \"u16\""),
+        ],
+    );
     let _gw = Gateway::start(&config);
     platform
-        .wait_until(Duration::from_secs(10), "first report", |s| !payloads(s, "attributes").is_empty())
+        .wait_until(Duration::from_secs(10), "first report", |s| {
+            !payloads(s, "attributes").is_empty()
+        })
         .await;
     slaves.unit(1, |u| u.set_registers(Area::Holding, 0, &[103])); // +0.3: inside the deadband
     tokio::time::sleep(Duration::from_millis(600)).await;
     slaves.unit(1, |u| u.set_registers(Area::Holding, 0, &[111])); // +1.1: reported alone
     let seen = platform
-        .wait_until(Duration::from_secs(10), "heartbeat", |s| payloads(s, "attributes").len() >= 3)
+        .wait_until(Duration::from_secs(10), "heartbeat", |s| {
+            payloads(s, "attributes").len() >= 3
+        })
         .await;
     let got = payloads(&seen, "attributes");
     assert_eq!(
         got[..3],
-        [json!({"temp": 10.0, "mode": 1}), json!({"temp": 11.1}), json!({"temp": 11.1, "mode": 1})]
+        [
+            json!({"temp": 10.0, "mode": 1}),
+            json!({"temp": 11.1}),
+            json!({"temp": 11.1, "mode": 1})
+        ]
     );
     let reports: Vec<_> = seen.iter().filter(|s| s.topic == "attributes").collect();
     let heartbeat = (reports[2].at - reports[0].at).as_secs_f64();
-    assert!((2.8..3.5).contains(&heartbeat), "heartbeat after {heartbeat} s");
+    assert!(
+        (2.8..3.5).contains(&heartbeat),
+        "heartbeat after {heartbeat} s"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unplugged_port_is_reopened_and_the_other_bus_runs_on() {
+    // The config names a symlink, as udev's /dev/serial/by-id does; unplugging
+    // removes both the line and the link.
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("ttyUSB-by-id");
+    let first = Slaves::new();
+    first.unit(1, |u| u.set_registers(Area::Holding, 0, &[1]));
+    let other = Slaves::new();
+    other.unit(1, |u| u.set_registers(Area::Holding, 0, &[2]));
+    let pty = first.serve().unwrap();
+    std::os::unix::fs::symlink(&pty.path, &link).unwrap();
+    let other_pty = other.serve().unwrap();
+
+    let port = broker();
+    let platform = Subscriber::connect(port).await;
+    let mut config = header(port, &link, "");
+    config += &format!(
+        "\n[[bus]]\nname = \"line2\"\nport = \"{}\"\nbaud = 115200\n",
+        other_pty.path.display()
+    );
+    config += &device(
+        "on-usb",
+        1,
+        "200ms",
+        "",
+        &[("a", "area = \"holding\"\naddress = 0\ntype = \"u16\"")],
+    );
+    config += &device(
+        "on-other",
+        1,
+        "200ms",
+        "key = \"o\"",
+        &[("b", "area = \"holding\"\naddress = 0\ntype = \"u16\"")],
+    )
+    .replace("bus = \"line\"", "bus = \"line2\"");
+    let gw = Gateway::start(&config);
+    platform
+        .wait_until(Duration::from_secs(10), "reports from both buses", |s| {
+            !payloads(s, "attributes").is_empty() && !payloads(s, "gateway/attributes").is_empty()
+        })
+        .await;
+
+    // Unplug for 2 s.
+    drop(pty);
+    std::fs::remove_file(&link).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let unplugged = platform.all().len();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let during = &platform.all()[unplugged..];
+    assert!(
+        payloads(during, "attributes").is_empty(),
+        "no reports from a missing port"
+    );
+    assert!(
+        payloads(during, "gateway/attributes").len() >= 5,
+        "the other bus keeps its pace"
+    );
+
+    // Plug back in: a new pty behind the same name.
+    let pty = first.serve().unwrap();
+    std::os::unix::fs::symlink(&pty.path, &link).unwrap();
+    let replugged = platform.all().len();
+    platform
+        .wait_until(Duration::from_secs(35), "reports after the replug", |s| {
+            !payloads(&s[replugged..], "attributes").is_empty()
+        })
+        .await;
+    let log = gw.log();
+    let bus_lines: Vec<&str> = log.lines().filter(|l| l.contains("bus line:")).collect();
+    assert_eq!(
+        bus_lines.len(),
+        2,
+        "one line when lost, one when back: {bus_lines:#?}"
+    );
+    assert!(bus_lines[1].contains("is back"), "{bus_lines:?}");
 }

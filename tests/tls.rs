@@ -17,11 +17,14 @@ fn make_pki(dir: &Path, name: &str) -> (String, String, String) {
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, format!("{name} test CA"));
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, format!("{name} test CA"));
     let ca_cert = ca_params.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(ca_params, ca_key);
     let server_key = KeyPair::generate().unwrap();
-    let server_params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    let server_params =
+        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
     let server_cert = server_params.signed_by(&server_key, &issuer).unwrap();
     let path = |f: &str| dir.join(format!("{name}-{f}")).display().to_string();
     std::fs::write(path("ca.pem"), ca_cert.pem()).unwrap();
@@ -35,8 +38,16 @@ fn make_pki(dir: &Path, name: &str) -> (String, String, String) {
 fn tls_broker(cert: String, key: String) -> (u16, u16) {
     let tls_port = broker::free_port().unwrap();
     let plain_port = broker::free_port().unwrap();
-    let tls = rumqttd::TlsConfig::Rustls { capath: None, certpath: cert, keypath: key };
-    broker::start_listeners(vec![broker::listener(plain_port, None), broker::listener(tls_port, Some(tls))]).unwrap();
+    let tls = rumqttd::TlsConfig::Rustls {
+        capath: None,
+        certpath: cert,
+        keypath: key,
+    };
+    broker::start_listeners(vec![
+        broker::listener(plain_port, None),
+        broker::listener(tls_port, Some(tls)),
+    ])
+    .unwrap();
     (tls_port, plain_port)
 }
 
@@ -59,9 +70,16 @@ async fn tls_with_the_right_ca_connects_and_the_wrong_ca_is_refused() {
 
     let wrong = Gateway::start(&config(tls_port, &pty.path, &other_ca));
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(platform.on("attributes").is_empty(), "nothing may pass with the wrong CA");
+    assert!(
+        platform.on("attributes").is_empty(),
+        "nothing may pass with the wrong CA"
+    );
     let refusals = wrong.log_lines("broker connection");
-    assert_eq!(refusals.len(), 1, "logged once, not per retry: {refusals:#?}");
+    assert_eq!(
+        refusals.len(),
+        1,
+        "logged once, not per retry: {refusals:#?}"
+    );
     assert!(refusals[0].contains("certificate"), "{refusals:?}");
     drop(wrong);
 
@@ -71,6 +89,9 @@ async fn tls_with_the_right_ca_connects_and_the_wrong_ca_is_refused() {
             s.iter().any(|m| m.topic == "attributes")
         })
         .await;
-    assert_eq!(payloads(&seen, "attributes")[0], serde_json::json!({"v": 42}));
+    assert_eq!(
+        payloads(&seen, "attributes")[0],
+        serde_json::json!({"v": 42})
+    );
     assert_eq!(right.log_lines("connected to the broker").len(), 1);
 }

@@ -238,8 +238,11 @@ impl Bus {
             }
             Err(e) => {
                 let reason = format!("cannot open {}: {e}", self.config.port);
-                if self.down.as_deref() != Some(reason.as_str()) {
-                    log::error!(target: "bus", "bus {}: {reason}; retrying every {}s at most", self.config.name, REOPEN_MAX.as_secs());
+                // Logged when the outage starts, not at every reopen attempt.
+                if self.down.is_none() {
+                    log::error!(target: "bus", "bus {}: {reason}; retrying with backoff up to {}s", self.config.name, REOPEN_MAX.as_secs());
+                } else {
+                    log::debug!(target: "bus", "bus {}: {reason}", self.config.name);
                 }
                 self.port_lost(reason.clone());
                 Err(TxError::Port(reason))

@@ -50,7 +50,11 @@ pub fn report(config: &Config, source: &str) -> (String, usize) {
             line_settings(bus),
             human(bus.timeout),
             bus.retries,
-            if bus.mode == BusMode::Transparent { ", transparent" } else { "" }
+            if bus.mode == BusMode::Transparent {
+                ", transparent"
+            } else {
+                ""
+            }
         );
         let mut cycle_all = Duration::ZERO;
         for device in config.devices_on(&bus.name) {

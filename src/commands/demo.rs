@@ -24,7 +24,10 @@ pub async fn run() -> anyhow::Result<()> {
     }
     let port = broker::free_port()?;
     let listen = broker::start(port).context("starting the embedded broker")?;
-    let platform = config.platform.as_mut().context("demo config has a platform")?;
+    let platform = config
+        .platform
+        .as_mut()
+        .context("demo config has a platform")?;
     platform.host = listen.ip().to_string();
     platform.port = listen.port();
 

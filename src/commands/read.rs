@@ -11,7 +11,11 @@ use crate::poll::{self, plan, Raw};
 pub async fn run(config: &Config, device: &str, names: &[String]) -> anyhow::Result<()> {
     let Some(device) = config.device(device) else {
         let known: Vec<&str> = config.devices.iter().map(|d| d.name.as_str()).collect();
-        return Err(Usage(format!("no device {device:?} in the config (devices: {})", known.join(", "))).into());
+        return Err(Usage(format!(
+            "no device {device:?} in the config (devices: {})",
+            known.join(", ")
+        ))
+        .into());
     };
     let mut device = device.clone();
     if !names.is_empty() {
@@ -30,7 +34,12 @@ pub async fn run(config: &Config, device: &str, names: &[String]) -> anyhow::Res
     let result = poll::read_device(&mut bus, &device, &blocks, None).await;
     let values = result.values(&device.points, &blocks);
 
-    let mut rows = vec![["name".to_string(), "raw".into(), "value".into(), "unit".into()]];
+    let mut rows = vec![[
+        "name".to_string(),
+        "raw".into(),
+        "value".into(),
+        "unit".into(),
+    ]];
     for (block, reply) in blocks.iter().zip(&result.replies) {
         for &i in &block.points {
             let p = &device.points[i];
@@ -41,11 +50,19 @@ pub async fn run(config: &Config, device: &str, names: &[String]) -> anyhow::Res
                         Some(Raw::Registers(regs)) => hex_words(regs),
                         None => String::new(),
                     },
-                    values[i].as_ref().map(ToString::to_string).unwrap_or_default(),
+                    values[i]
+                        .as_ref()
+                        .map(ToString::to_string)
+                        .unwrap_or_default(),
                 ),
                 Err(e) => ("-".into(), format!("error: {e}")),
             };
-            rows.push([p.name.clone(), raw, value, p.unit.clone().unwrap_or_default()]);
+            rows.push([
+                p.name.clone(),
+                raw,
+                value,
+                p.unit.clone().unwrap_or_default(),
+            ]);
         }
     }
     let widths: Vec<usize> = (0..4)

@@ -28,7 +28,11 @@ pub fn parse_units(text: &str) -> Result<RangeInclusive<u8>, String> {
 pub async fn run(config: &Config, bus_name: &str, units: RangeInclusive<u8>) -> anyhow::Result<()> {
     let Some(bus_config) = config.bus(bus_name) else {
         let known: Vec<&str> = config.buses.iter().map(|b| b.name.as_str()).collect();
-        return Err(Usage(format!("no bus {bus_name:?} in the config (buses: {})", known.join(", "))).into());
+        return Err(Usage(format!(
+            "no bus {bus_name:?} in the config (buses: {})",
+            known.join(", ")
+        ))
+        .into());
     };
     let mut bus = Bus::new(bus_config.clone());
     bus.ensure_open().map_err(anyhow::Error::from)?;
@@ -43,7 +47,9 @@ pub async fn run(config: &Config, bus_name: &str, units: RangeInclusive<u8>) -> 
     );
     let mut found = 0;
     for id in units {
-        let Some(unit) = UnitId::new(id) else { continue };
+        let Some(unit) = UnitId::new(id) else {
+            continue;
+        };
         let probe = Request::ReadHolding(0, 1);
         match bus.attempt(unit, &probe, bus_config.timeout).await {
             Ok(Reply::Registers(regs)) => {
@@ -53,10 +59,15 @@ pub async fn run(config: &Config, bus_name: &str, units: RangeInclusive<u8>) -> 
             Ok(_) => found += 1,
             Err(TxError::Exception(code)) => {
                 found += 1;
-                println!("unit {id}: answers with exception {:#04x} (holding 0 not readable)", u8::from(code));
+                println!(
+                    "unit {id}: answers with exception {:#04x} (holding 0 not readable)",
+                    u8::from(code)
+                );
             }
             Err(TxError::Port(e)) => anyhow::bail!("{e}"),
-            Err(TxError::Mismatch(e)) => println!("unit {id}: garbled answer ({e}); check baud/parity"),
+            Err(TxError::Mismatch(e)) => {
+                println!("unit {id}: garbled answer ({e}); check baud/parity")
+            }
             Err(TxError::Timeout(_)) => {}
         }
     }

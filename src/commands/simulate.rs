@@ -43,12 +43,23 @@ pub async fn run(config: &Config, wire_time: bool) -> anyhow::Result<()> {
         anyhow::bail!("no rtu bus with devices to simulate");
     }
     for (bus, pty, _) in &lines {
-        let units: Vec<String> = config.devices_on(bus).map(|d| format!("{} (unit {})", d.name, d.unit)).collect();
-        println!("bus {bus}: {}  serving {}", pty.path.display(), units.join(", "));
+        let units: Vec<String> = config
+            .devices_on(bus)
+            .map(|d| format!("{} (unit {})", d.name, d.unit))
+            .collect();
+        println!(
+            "bus {bus}: {}  serving {}",
+            pty.path.display(),
+            units.join(", ")
+        );
     }
     println!(
         "set each bus's port to the path above and run fieldgate against it{}; Ctrl-C stops",
-        if wire_time { " (answers take real wire time at the configured baud)" } else { "" }
+        if wire_time {
+            " (answers take real wire time at the configured baud)"
+        } else {
+            ""
+        }
     );
     tokio::select! {
         () = animate(config, &lines) => {}

@@ -95,7 +95,12 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     let raw: raw::RawConfig = toml::from_str(text).map_err(|e| {
         let span = e.span().unwrap_or(0..0);
-        ConfigError::Invalid(Located::new(path, text, span, e.message().trim().to_string()))
+        ConfigError::Invalid(Located::new(
+            path,
+            text,
+            span,
+            e.message().trim().to_string(),
+        ))
     })?;
     raw.into_config()
         .map_err(|v| ConfigError::Invalid(Located::new(path, text, v.span, v.message)))
@@ -161,12 +166,20 @@ type = "u16"
             ("type = \"u16\"", "type = \"u16\"\nfoo = 1", "unknown field"),
             ("bus = \"b\"", "bus = \"nope\"", "unknown bus"),
             ("area = \"input\"", "area = \"coil\"", "must be \"bool\""),
-            ("type = \"u16\"", "type = \"u16\"\nwritable = true", "read-only"),
+            (
+                "type = \"u16\"",
+                "type = \"u16\"\nwritable = true",
+                "read-only",
+            ),
             ("address = 0", "address = 65535\n", "past the end"),
             ("address = 0", "address = -1", "outside 0..65535"),
             ("name = \"v\"", "name = \"1v\"", "must match"),
             ("type = \"u16\"", "type = \"string\"", "needs length"),
-            ("type = \"u16\"", "type = \"u16\"\nbit = 2", "type = \"bool\""),
+            (
+                "type = \"u16\"",
+                "type = \"u16\"\nbit = 2",
+                "type = \"bool\"",
+            ),
             ("poll = \"x\"", "", ""),
         ];
         for (from, to, expect) in cases {
@@ -191,7 +204,10 @@ type = "u16"
         assert!(e.message.contains("invalid duration"), "{}", e.message);
         let e = error_of(&format!("{MINIMAL}\n[buffer]\nmax_bytes = \"lots\"\n"));
         assert!(e.message.contains("invalid size"), "{}", e.message);
-        let e = error_of(&MINIMAL.replace("port = \"/dev/null\"", "port = \"/dev/null\"\nparity = \"mark\""));
+        let e = error_of(&MINIMAL.replace(
+            "port = \"/dev/null\"",
+            "port = \"/dev/null\"\nparity = \"mark\"",
+        ));
         assert!(e.message.contains("unknown variant"), "{}", e.message);
     }
 

@@ -266,7 +266,9 @@ pub enum Kind {
     F32,
     F64,
     /// ASCII text in `len` registers, two characters each.
-    String { len: u16 },
+    String {
+        len: u16,
+    },
 }
 
 impl Kind {

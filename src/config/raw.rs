@@ -459,13 +459,15 @@ fn convert_platform(raw: Spanned<RawPlatform>, gateway_id: &str) -> Result<Platf
                     );
                 }
             }
-            let need = |f: Option<Spanned<String>>, name: &str| match f {
+            let need = |f: Option<Spanned<String>>, name: &str| {
+                match f {
                 Some(v) if !v.get_ref().is_empty() => Ok(v.into_inner()),
                 Some(v) => violation(v.span(), format!("{name} must not be empty")),
                 None => violation(
                     span.clone(),
                     format!("the thingscloud profile needs {name} (from the device's certificate in the ThingsCloud console)"),
                 ),
+            }
             };
             Profile::ThingsCloud {
                 access_token: need(raw.access_token, "access_token")?,
@@ -519,9 +521,7 @@ fn convert_platform(raw: Spanned<RawPlatform>, gateway_id: &str) -> Result<Platf
         (true, ca) => Some(Tls {
             ca_file: ca.map(Spanned::into_inner),
         }),
-        (false, Some(ca)) => {
-            return violation(ca.span(), "ca_file is only used with tls = true")
-        }
+        (false, Some(ca)) => return violation(ca.span(), "ca_file is only used with tls = true"),
         (false, None) => None,
     };
     let max_publish_rate = match raw.max_publish_rate {
@@ -638,7 +638,10 @@ fn convert_device(raw: Spanned<RawDevice>, buses: &[Bus]) -> Result<Device> {
     };
     let key = match raw.key {
         Some(k) if k.get_ref().is_empty() => {
-            return violation(k.span(), "key must not be empty (leave it out for the gateway's own attributes)")
+            return violation(
+                k.span(),
+                "key must not be empty (leave it out for the gateway's own attributes)",
+            )
         }
         Some(k) => Some(k.into_inner()),
         None => None,
@@ -657,7 +660,10 @@ fn convert_device(raw: Spanned<RawDevice>, buses: &[Bus]) -> Result<Device> {
         .map(|t| positive(t, "timeout"))
         .transpose()?;
     if raw.points.is_empty() {
-        return violation(raw.name.span(), format!("device {name:?} has no [[device.point]]"));
+        return violation(
+            raw.name.span(),
+            format!("device {name:?} has no [[device.point]]"),
+        );
     }
     let mut point_names = Unique::new("point");
     let mut points = Vec::new();
@@ -709,7 +715,10 @@ fn convert_point(raw: &Spanned<RawPoint>) -> Result<Point> {
         if area.is_bits() {
             return violation(
                 bit.span(),
-                format!("bit selects a bit of a register; {} is already a single bit", area.noun()),
+                format!(
+                    "bit selects a bit of a register; {} is already a single bit",
+                    area.noun()
+                ),
             );
         }
         if ty != RawType::Bool {
@@ -748,12 +757,7 @@ fn convert_point(raw: &Spanned<RawPoint>) -> Result<Point> {
                     )
                 }
             },
-            None => {
-                return violation(
-                    raw.kind.span(),
-                    "a string point needs length = <registers>",
-                )
-            }
+            None => return violation(raw.kind.span(), "a string point needs length = <registers>"),
         },
     };
     if u32::from(address) + u32::from(kind.width()) > 65536 {
@@ -770,10 +774,9 @@ fn convert_point(raw: &Spanned<RawPoint>) -> Result<Point> {
             Some(v) if !v.get_ref().is_finite() => {
                 violation(v.span(), format!("{what} must be a finite number"))
             }
-            Some(v) if kind.is_bool() || matches!(kind, Kind::String { .. }) => violation(
-                v.span(),
-                format!("{what} only applies to numeric types"),
-            ),
+            Some(v) if kind.is_bool() || matches!(kind, Kind::String { .. }) => {
+                violation(v.span(), format!("{what} only applies to numeric types"))
+            }
             Some(v) => Ok(*v.get_ref()),
             None => Ok(default),
         }
@@ -795,7 +798,10 @@ fn convert_point(raw: &Spanned<RawPoint>) -> Result<Point> {
         Some(w) if *w.get_ref() && !matches!(area, Area::Holding | Area::Coil) => {
             return violation(
                 w.span(),
-                format!("{} is read-only in Modbus; only holding registers and coils can be writable", area.noun()),
+                format!(
+                    "{} is read-only in Modbus; only holding registers and coils can be writable",
+                    area.noun()
+                ),
             )
         }
         Some(w) if *w.get_ref() && matches!(kind, Kind::String { .. }) => {
@@ -808,7 +814,10 @@ fn convert_point(raw: &Spanned<RawPoint>) -> Result<Point> {
     let max = number(&raw.max, "max", f64::INFINITY)?;
     for bound in [&raw.min, &raw.max].into_iter().flatten() {
         if !writable {
-            return violation(bound.span(), "min/max is the accepted range for writes; it needs writable = true");
+            return violation(
+                bound.span(),
+                "min/max is the accepted range for writes; it needs writable = true",
+            );
         }
     }
     if min > max {
@@ -824,7 +833,10 @@ fn convert_point(raw: &Spanned<RawPoint>) -> Result<Point> {
     };
     if let Some(o) = &raw.order {
         if area.is_bits() {
-            return violation(o.span(), format!("order has no meaning for {}", area.noun()));
+            return violation(
+                o.span(),
+                format!("order has no meaning for {}", area.noun()),
+            );
         }
     }
     Ok(Point {
@@ -848,7 +860,10 @@ fn convert_command(raw: RawCommand, devices: &[Device]) -> Result<Command> {
     let Some(device) = devices.iter().find(|d| &d.name == raw.device.get_ref()) else {
         return violation(
             raw.device.span(),
-            format!("command {name:?} refers to unknown device {:?}", raw.device.get_ref()),
+            format!(
+                "command {name:?} refers to unknown device {:?}",
+                raw.device.get_ref()
+            ),
         );
     };
     if raw.write.is_empty() {
@@ -870,7 +885,10 @@ fn convert_command(raw: RawCommand, devices: &[Device]) -> Result<Command> {
         if !point.writable {
             return violation(
                 w.point.span(),
-                format!("point {:?} is not writable (add writable = true)", point.name),
+                format!(
+                    "point {:?} is not writable (add writable = true)",
+                    point.name
+                ),
             );
         }
         let value = match w.value.get_ref() {

@@ -154,7 +154,12 @@ pub async fn run(
     let (client, eventloop) = AsyncClient::new(options, 64);
     let status = profile::status_topic(&platform.profile);
     let (connected_tx, _connected) = watch::channel(false);
-    let driver = tokio::spawn(drive(eventloop, client.clone(), status.clone(), connected_tx));
+    let driver = tokio::spawn(drive(
+        eventloop,
+        client.clone(),
+        status.clone(),
+        connected_tx,
+    ));
     let spacing = platform
         .max_publish_rate
         .map(|rate| Duration::from_secs_f64(1.0 / rate));
@@ -188,7 +193,10 @@ pub async fn run(
     let _ = client.try_disconnect();
     // Give the event loop a moment to flush the last packets.
     let abort = driver.abort_handle();
-    if tokio::time::timeout(Duration::from_secs(2), driver).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(2), driver)
+        .await
+        .is_err()
+    {
         abort.abort();
     }
     Ok(())

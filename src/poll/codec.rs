@@ -59,7 +59,11 @@ fn to_be_bytes(regs: &[u16], order: Order) -> Vec<u8> {
     words
         .iter()
         .flat_map(|w| {
-            let w = if order.swaps_bytes() { w.swap_bytes() } else { *w };
+            let w = if order.swaps_bytes() {
+                w.swap_bytes()
+            } else {
+                *w
+            };
             w.to_be_bytes()
         })
         .collect()
@@ -101,8 +105,7 @@ fn decimals(x: f64) -> usize {
 /// 2296 × 0.1 reports as 229.6 and not 229.60000000000002.
 fn scaled(raw: f64, point: &Point) -> f64 {
     let value = raw * point.scale + point.offset;
-    let digits = decimals(raw)
-        + decimals(point.scale).max(decimals(point.offset));
+    let digits = decimals(raw) + decimals(point.scale).max(decimals(point.offset));
     if digits > 15 || !value.is_finite() {
         return value;
     }
@@ -298,7 +301,11 @@ mod tests {
             (Order::Dcba, [0x7856, 0x3412]),
         ];
         for (order, regs) in cases {
-            assert_eq!(dec(Kind::U32, order, &regs), Value::Int(305_419_896), "{order:?}");
+            assert_eq!(
+                dec(Kind::U32, order, &regs),
+                Value::Int(305_419_896),
+                "{order:?}"
+            );
         }
         let neg = [
             (Order::Abcd, [0xF8A4, 0x32EB]),
@@ -307,7 +314,11 @@ mod tests {
             (Order::Dcba, [0xEB32, 0xA4F8]),
         ];
         for (order, regs) in neg {
-            assert_eq!(dec(Kind::I32, order, &regs), Value::Int(-123_456_789), "{order:?}");
+            assert_eq!(
+                dec(Kind::I32, order, &regs),
+                Value::Int(-123_456_789),
+                "{order:?}"
+            );
         }
         // 229.6f32 = 0x4365999A (nearest f32), 10.0f32 = 0x41200000
         assert_eq!(
@@ -414,11 +425,26 @@ mod tests {
 
     #[test]
     fn bits_of_registers() {
-        assert_eq!(dec(Kind::RegisterBit(0), Order::Abcd, &[0b1000]), Value::Bool(false));
-        assert_eq!(dec(Kind::RegisterBit(3), Order::Abcd, &[0b1000]), Value::Bool(true));
-        assert_eq!(dec(Kind::RegisterBit(15), Order::Abcd, &[0x8000]), Value::Bool(true));
-        assert_eq!(dec(Kind::RegisterBool, Order::Abcd, &[0x0100]), Value::Bool(true));
-        assert_eq!(dec(Kind::RegisterBool, Order::Abcd, &[0]), Value::Bool(false));
+        assert_eq!(
+            dec(Kind::RegisterBit(0), Order::Abcd, &[0b1000]),
+            Value::Bool(false)
+        );
+        assert_eq!(
+            dec(Kind::RegisterBit(3), Order::Abcd, &[0b1000]),
+            Value::Bool(true)
+        );
+        assert_eq!(
+            dec(Kind::RegisterBit(15), Order::Abcd, &[0x8000]),
+            Value::Bool(true)
+        );
+        assert_eq!(
+            dec(Kind::RegisterBool, Order::Abcd, &[0x0100]),
+            Value::Bool(true)
+        );
+        assert_eq!(
+            dec(Kind::RegisterBool, Order::Abcd, &[0]),
+            Value::Bool(false)
+        );
     }
 
     #[test]
@@ -441,7 +467,16 @@ mod tests {
 
     #[test]
     fn encoding_inverts_decoding() {
-        let numeric = [Kind::U16, Kind::I16, Kind::U32, Kind::I32, Kind::U64, Kind::I64, Kind::F32, Kind::F64];
+        let numeric = [
+            Kind::U16,
+            Kind::I16,
+            Kind::U32,
+            Kind::I32,
+            Kind::U64,
+            Kind::I64,
+            Kind::F32,
+            Kind::F64,
+        ];
         for order in [Order::Abcd, Order::Dcba, Order::Badc, Order::Cdab] {
             for kind in numeric {
                 let mut p = point(kind, order);
@@ -456,8 +491,14 @@ mod tests {
             }
         }
         let p = point(Kind::RegisterBit(2), Order::Abcd);
-        assert_eq!(encode_registers(&p, &Value::Bool(true), 0b0001), Ok(vec![0b0101]));
-        assert_eq!(encode_registers(&p, &Value::Bool(false), 0b0101), Ok(vec![0b0001]));
+        assert_eq!(
+            encode_registers(&p, &Value::Bool(true), 0b0001),
+            Ok(vec![0b0101])
+        );
+        assert_eq!(
+            encode_registers(&p, &Value::Bool(false), 0b0101),
+            Ok(vec![0b0001])
+        );
     }
 
     #[test]

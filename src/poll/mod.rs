@@ -108,7 +108,10 @@ pub async fn read_device(
                 job(bus).await;
             }
         }
-        replies.push(bus.transact(device.unit, &block.request(), device.timeout).await);
+        replies.push(
+            bus.transact(device.unit, &block.request(), device.timeout)
+                .await,
+        );
     }
     PollResult { replies }
 }
@@ -188,8 +191,12 @@ impl DeviceState {
             let state = err.map(|e| e.kind().to_string());
             if state != self.block_state[b] {
                 match err {
-                    Some(e) => log::warn!(target: "poll", "device {name}: cannot read {}: {e}", self.block_label(b)),
-                    None => log::info!(target: "poll", "device {name}: {} readable again", self.block_label(b)),
+                    Some(e) => {
+                        log::warn!(target: "poll", "device {name}: cannot read {}: {e}", self.block_label(b))
+                    }
+                    None => {
+                        log::info!(target: "poll", "device {name}: {} readable again", self.block_label(b))
+                    }
                 }
                 self.block_state[b] = state;
             }
@@ -197,7 +204,12 @@ impl DeviceState {
     }
 
     /// Applies the report policy to one poll's values.
-    fn report(&mut self, values: Vec<Option<Value>>, taken: SystemTime, now: Instant) -> Option<Reading> {
+    fn report(
+        &mut self,
+        values: Vec<Option<Value>>,
+        taken: SystemTime,
+        now: Instant,
+    ) -> Option<Reading> {
         let full = match self.device.report {
             Report::Always => true,
             Report::Change { heartbeat } => self
@@ -341,7 +353,9 @@ mod tests {
     #[test]
     fn backoff_follows_the_spec() {
         let poll = Duration::from_secs(5);
-        let got: Vec<u64> = (0..20).map(|f| backoff_interval(poll, f).as_secs()).collect();
+        let got: Vec<u64> = (0..20)
+            .map(|f| backoff_interval(poll, f).as_secs())
+            .collect();
         assert_eq!(
             got,
             [5, 5, 5, 5, 10, 15, 20, 25, 30, 35, 40, 45, 50, 55, 60, 60, 60, 60, 60, 60]
@@ -357,6 +371,10 @@ mod tests {
         assert!(changed(Some(&Value::Float(1.0)), &Value::Float(1.6), 0.5));
         assert!(!changed(Some(&Value::Int(3)), &Value::Int(3), 0.0));
         assert!(changed(Some(&Value::Bool(true)), &Value::Bool(false), 0.0));
-        assert!(changed(Some(&Value::Text("a".into())), &Value::Text("b".into()), 1.0));
+        assert!(changed(
+            Some(&Value::Text("a".into())),
+            &Value::Text("b".into()),
+            1.0
+        ));
     }
 }

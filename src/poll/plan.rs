@@ -146,24 +146,38 @@ mod tests {
         // At 9600 8N1 a character is 1.04 ms; another request costs
         // 13 chars + 2 x 3.5 chars + 2 ms = ~22.9 ms, i.e. ~11 registers.
         let b = bus(9600);
-        let near = [pt(Area::Input, 0, Kind::U16), pt(Area::Input, 10, Kind::U16)];
+        let near = [
+            pt(Area::Input, 0, Kind::U16),
+            pt(Area::Input, 10, Kind::U16),
+        ];
         assert_eq!(spans(&plan(&near, &b)), [(Area::Input, 0, 11)]);
-        let far = [pt(Area::Input, 0, Kind::U16), pt(Area::Input, 12, Kind::U16)];
+        let far = [
+            pt(Area::Input, 0, Kind::U16),
+            pt(Area::Input, 12, Kind::U16),
+        ];
         assert_eq!(
             spans(&plan(&far, &b)),
             [(Area::Input, 0, 1), (Area::Input, 12, 1)]
         );
         // At 115200 characters are cheap next to the fixed 1.75 ms gaps and
         // the turnaround, so wider gaps are worth reading.
-        let wide = [pt(Area::Input, 0, Kind::U16), pt(Area::Input, 30, Kind::U16)];
+        let wide = [
+            pt(Area::Input, 0, Kind::U16),
+            pt(Area::Input, 30, Kind::U16),
+        ];
         assert_eq!(spans(&plan(&wide, &bus(115_200))), [(Area::Input, 0, 31)]);
     }
 
     #[test]
     fn register_limit_is_125_and_points_are_never_split() {
-        let points: Vec<Point> = (0..70).map(|i| pt(Area::Holding, i * 2, Kind::U32)).collect();
+        let points: Vec<Point> = (0..70)
+            .map(|i| pt(Area::Holding, i * 2, Kind::U32))
+            .collect();
         let blocks = plan(&points, &bus(9600));
-        assert_eq!(spans(&blocks), [(Area::Holding, 0, 124), (Area::Holding, 124, 16)]);
+        assert_eq!(
+            spans(&blocks),
+            [(Area::Holding, 0, 124), (Area::Holding, 124, 16)]
+        );
         // A point that would cross the 125 edge starts the next block...
         let mut edge: Vec<Point> = (0..124).map(|i| pt(Area::Holding, i, Kind::U16)).collect();
         edge.push(pt(Area::Holding, 124, Kind::U32));
@@ -185,7 +199,10 @@ mod tests {
             [(Area::Coil, 0, 2000), (Area::Coil, 2000, 1)]
         );
         // Bit gaps are 8 to the byte: 100 unused coils cost ~13 chars.
-        let gap = [pt(Area::Discrete, 0, Kind::Bit), pt(Area::Discrete, 100, Kind::Bit)];
+        let gap = [
+            pt(Area::Discrete, 0, Kind::Bit),
+            pt(Area::Discrete, 100, Kind::Bit),
+        ];
         assert_eq!(spans(&plan(&gap, &bus(9600))), [(Area::Discrete, 0, 101)]);
     }
 
@@ -235,6 +252,9 @@ mod tests {
             + 2 * Duration::from_nanos(35 * 1_000_000_000 / 9600)
             + TURNAROUND;
         let got = cycle_time(&b, &blocks);
-        assert!(got.abs_diff(expect) < Duration::from_micros(2), "{got:?} vs {expect:?}");
+        assert!(
+            got.abs_diff(expect) < Duration::from_micros(2),
+            "{got:?} vs {expect:?}"
+        );
     }
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, Transport};
 use serde_json::Value;
 
-pub use fieldgate::sim::{Pty, Slaves};
+pub use fieldgate::sim::Slaves;
 
 /// One message as the platform side saw it.
 #[derive(Debug, Clone)]
@@ -46,7 +46,10 @@ impl Subscriber {
             options.set_transport(t);
         }
         let (client, mut events) = AsyncClient::new(options, 64);
-        client.subscribe("#", QoS::AtLeastOnce).await.expect("subscribe");
+        client
+            .subscribe("#", QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let sink = seen.clone();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
@@ -61,8 +64,9 @@ impl Subscriber {
                         }
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let payload = serde_json::from_slice(&p.payload)
-                            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&p.payload).into()));
+                        let payload = serde_json::from_slice(&p.payload).unwrap_or_else(|_| {
+                            Value::String(String::from_utf8_lossy(&p.payload).into())
+                        });
                         sink.lock().unwrap().push(Seen {
                             at: Instant::now(),
                             topic: p.topic,
@@ -86,11 +90,19 @@ impl Subscriber {
     }
 
     pub fn on(&self, topic: &str) -> Vec<Seen> {
-        self.all().into_iter().filter(|s| s.topic == topic).collect()
+        self.all()
+            .into_iter()
+            .filter(|s| s.topic == topic)
+            .collect()
     }
 
     /// Waits until `done` holds for the messages so far, or panics after `limit`.
-    pub async fn wait_until(&self, limit: Duration, what: &str, done: impl Fn(&[Seen]) -> bool) -> Vec<Seen> {
+    pub async fn wait_until(
+        &self,
+        limit: Duration,
+        what: &str,
+        done: impl Fn(&[Seen]) -> bool,
+    ) -> Vec<Seen> {
         let start = Instant::now();
         loop {
             let all = self.all();
@@ -142,7 +154,11 @@ impl Gateway {
     }
 
     pub fn log_lines(&self, needle: &str) -> Vec<String> {
-        self.log().lines().filter(|l| l.contains(needle)).map(String::from).collect()
+        self.log()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .map(String::from)
+            .collect()
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -185,5 +201,8 @@ timeout = "300ms"
 
 /// Payloads on `topic`, in arrival order.
 pub fn payloads(seen: &[Seen], topic: &str) -> Vec<Value> {
-    seen.iter().filter(|s| s.topic == topic).map(|s| s.payload.clone()).collect()
+    seen.iter()
+        .filter(|s| s.topic == topic)
+        .map(|s| s.payload.clone())
+        .collect()
 }
