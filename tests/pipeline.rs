@@ -479,3 +479,62 @@ async fn an_unplugged_port_is_reopened_and_the_other_bus_runs_on() {
     );
     assert!(bus_lines[1].contains("is back"), "{bus_lines:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slave_that_rejects_bridged_gaps_gets_gapless_reads() {
+    // Registers 2..5 are unmapped: reading across them is refused, as many
+    // meters do. The planner bridges the gap; the poller must learn.
+    let slaves = Slaves::new();
+    slaves.unit(1, |u| {
+        u.set_registers(Area::Holding, 0, &[10, 11]);
+        u.set_registers(Area::Holding, 6, &[16]);
+        u.exceptions
+            .push((Area::Holding, 2..=5, ExceptionCode::IllegalDataAddress));
+    });
+    let pty = slaves.serve().unwrap();
+    let port = broker();
+    let platform = Subscriber::connect(port).await;
+    let mut config = header(port, &pty.path, "");
+    config += &device(
+        "m",
+        1,
+        "200ms",
+        "",
+        &[
+            ("a", "area = \"holding\"\naddress = 0\ntype = \"u32\""),
+            ("c", "area = \"holding\"\naddress = 6\ntype = \"u16\""),
+        ],
+    );
+    let gw = Gateway::start(&config);
+    let seen = platform
+        .wait_until(Duration::from_secs(10), "3 reports", |s| {
+            payloads(s, "attributes").len() >= 3
+        })
+        .await;
+    assert_eq!(
+        payloads(&seen, "attributes")[0],
+        json!({"a": 655371, "c": 16})
+    );
+    // The bridged read and its retry (SPEC §4 retries exceptions too), then
+    // the two gapless reads.
+    let spans: Vec<_> = slaves
+        .received()
+        .iter()
+        .take(4)
+        .map(|r| r.request.span())
+        .collect();
+    assert_eq!(
+        spans,
+        [
+            (Area::Holding, 0, 7),
+            (Area::Holding, 0, 7),
+            (Area::Holding, 0, 2),
+            (Area::Holding, 6, 1)
+        ]
+    );
+    assert_eq!(gw.log_lines("gapless").len(), 1, "{}", gw.log());
+    assert!(
+        gw.log_lines("not responding").is_empty(),
+        "an exception is an answer"
+    );
+}

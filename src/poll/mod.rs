@@ -17,6 +17,8 @@ use futures::future::BoxFuture;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, Instant};
 
+use tokio_modbus::ExceptionCode;
+
 use crate::bus::{Bus, Reply, TxError};
 use crate::config::{Device, Point, Report};
 use codec::Value;
@@ -56,6 +58,14 @@ pub struct PollResult {
 impl PollResult {
     pub fn all_failed(&self) -> bool {
         self.replies.iter().all(Result::is_err)
+    }
+
+    /// No block got any answer at all: the slave is silent or unreachable.
+    /// (An exception reply proves the slave is alive.)
+    pub fn unreachable(&self) -> bool {
+        self.replies
+            .iter()
+            .all(|r| matches!(r, Err(e) if !matches!(e, TxError::Exception(_))))
     }
 
     /// Decoded values by point index; `None` where the block failed.
@@ -164,7 +174,7 @@ impl DeviceState {
     /// Updates failure counters and logs transitions (never every cycle).
     fn record(&mut self, result: &PollResult) {
         let name = &self.device.name;
-        if result.all_failed() {
+        if result.unreachable() {
             self.failures += 1;
             let reason = result
                 .replies
@@ -189,7 +199,7 @@ impl DeviceState {
         for (b, reply) in result.replies.iter().enumerate() {
             let err = reply.as_ref().err();
             let state = err.map(|e| e.kind().to_string());
-            if state != self.block_state[b] {
+            if self.block_state.get(b) != Some(&state) {
                 match err {
                     Some(e) => {
                         log::warn!(target: "poll", "device {name}: cannot read {}: {e}", self.block_label(b))
@@ -198,7 +208,9 @@ impl DeviceState {
                         log::info!(target: "poll", "device {name}: {} readable again", self.block_label(b))
                     }
                 }
-                self.block_state[b] = state;
+                if let Some(slot) = self.block_state.get_mut(b) {
+                    *slot = state;
+                }
             }
         }
     }
@@ -243,6 +255,39 @@ impl DeviceState {
             taken,
             values: out,
         })
+    }
+
+    /// A slave that rejects a bridged read with "illegal data address"
+    /// probably has unmapped registers in the gap: from now on that block is
+    /// read as gapless pieces. Other errors leave the plan alone.
+    fn replan(&mut self, result: &PollResult) {
+        let mut changed = false;
+        let mut blocks = Vec::with_capacity(self.blocks.len());
+        for (block, reply) in self.blocks.iter().zip(&result.replies) {
+            let split = match reply {
+                Err(TxError::Exception(ExceptionCode::IllegalDataAddress)) => {
+                    plan::without_gaps(block, &self.device.points)
+                }
+                _ => vec![block.clone()],
+            };
+            if split.len() > 1 {
+                changed = true;
+                log::info!(
+                    target: "poll",
+                    "device {}: {} {}..{} rejected as a whole; reading it as {} gapless requests from now on",
+                    self.device.name,
+                    block.area,
+                    block.start,
+                    u32::from(block.start) + u32::from(block.count) - 1,
+                    split.len()
+                );
+            }
+            blocks.extend(split);
+        }
+        if changed {
+            self.block_state = vec![None; blocks.len()];
+            self.blocks = blocks;
+        }
     }
 
     fn schedule_next(&mut self, now: Instant) {
@@ -331,8 +376,9 @@ impl Poller {
         )
         .await;
         let now = Instant::now();
-        state.record(&result);
         let values = result.values(&state.device.points, &state.blocks);
+        state.record(&result);
+        state.replan(&result);
         let reading = state.report(values, taken, now);
         state.schedule_next(now);
         if let Some(reading) = reading {

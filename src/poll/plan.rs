@@ -82,6 +82,29 @@ pub fn plan(points: &[Point], bus: &config::Bus) -> Vec<Block> {
     blocks
 }
 
+/// Splits `block` where it bridges unused addresses, for slaves that answer
+/// a read across unmapped registers with "illegal data address". Returns a
+/// single block unchanged when it has no gap.
+pub fn without_gaps(block: &Block, points: &[Point]) -> Vec<Block> {
+    let mut out: Vec<Block> = Vec::new();
+    for &i in &block.points {
+        let p = &points[i];
+        match out.last_mut() {
+            Some(run) if u32::from(p.address) <= run.end() => {
+                run.count = (run.end().max(p.end()) - u32::from(run.start)) as u16;
+                run.points.push(i);
+            }
+            _ => out.push(Block {
+                area: block.area,
+                start: p.address,
+                count: p.kind.width(),
+                points: vec![i],
+            }),
+        }
+    }
+    out
+}
+
 /// Estimated bus time of one poll of these blocks.
 pub fn cycle_time(bus: &config::Bus, blocks: &[Block]) -> Duration {
     blocks
@@ -236,6 +259,25 @@ mod tests {
             pt(Area::Holding, 4, Kind::U32),
         ];
         assert_eq!(spans(&plan(&points, &bus(9600))), [(Area::Holding, 4, 2)]);
+    }
+
+    #[test]
+    fn gaps_can_be_taken_out_again() {
+        let points = [
+            pt(Area::Holding, 0, Kind::U32),
+            pt(Area::Holding, 1, Kind::U16),
+            pt(Area::Holding, 6, Kind::U16),
+            pt(Area::Holding, 7, Kind::F32),
+        ];
+        let blocks = plan(&points, &bus(9600));
+        assert_eq!(spans(&blocks), [(Area::Holding, 0, 9)]);
+        let split = without_gaps(&blocks[0], &points);
+        assert_eq!(
+            spans(&split),
+            [(Area::Holding, 0, 2), (Area::Holding, 6, 3)]
+        );
+        assert_eq!(split[1].points, [2, 3]);
+        assert_eq!(without_gaps(&split[0], &points), split[..1]);
     }
 
     #[test]
