@@ -360,7 +360,12 @@ impl Poller {
                 biased;
                 () = crate::stopped(&mut shutdown) => return,
                 Some(job) = self.jobs.recv() => job(&mut self.bus).await,
-                () = sleep_until(due) => self.poll(index).await,
+                // A poll full of timeouts can take seconds: shutdown cuts it short.
+                () = sleep_until(due) => tokio::select! {
+                    biased;
+                    () = crate::stopped(&mut shutdown) => return,
+                    () = self.poll(index) => {}
+                },
             }
         }
     }
