@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Runs `fieldgate run` against `fieldgate simulate --wire-time` (the 4 x 50
+# point bench map) and a local mosquitto for DURATION seconds, then reports
+# the daemon's RSS and CPU seconds. Usage: scripts/bench-daemon.sh [SECONDS] [BAUD] [POLL]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+duration=${1:-600} baud=${2:-9600} poll=${3:-2s}
+bin=target/release/fieldgate
+work=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
+
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\n' "$port" > "$work/mosquitto.conf"
+mosquitto -c "$work/mosquitto.conf" >/dev/null 2>&1 &
+
+sed -e "s/^baud = .*/baud = $baud/" -e "s/^poll = .*/poll = \"$poll\"/" config/bench-4x50.toml > "$work/sim.toml"
+"$bin" --config "$work/sim.toml" simulate --wire-time > "$work/sim.out" &
+for _ in $(seq 50); do grep -q '^bus ' "$work/sim.out" && break; sleep 0.1; done
+pty=$(awk '/^bus /{print $3; exit}' "$work/sim.out")
+
+sed -e "s|^port = \"/dev/ttyUSB0\"|port = \"$pty\"|" -e "s/^port = 1883/port = $port/" \
+    -e "s|^data_dir = .*|data_dir = \"$work/data\"|" "$work/sim.toml" > "$work/run.toml"
+mosquitto_sub -p "$port" -t '#' > "$work/received" &
+RUST_LOG=warn "$bin" --config "$work/run.toml" run 2> "$work/run.log" &
+pid=$!
+sleep "$duration"
+
+tck=$(getconf CLK_TCK)
+read -r utime stime < <(awk '{print $14, $15}' "/proc/$pid/stat")
+rss=$(awk '/VmRSS/{print $2}' "/proc/$pid/status")
+hwm=$(awk '/VmHWM/{print $2}' "/proc/$pid/status")
+msgs=$(wc -l < "$work/received")
+echo "duration_s=$duration baud=$baud poll=$poll"
+echo "messages_received=$msgs"
+echo "rss_kib=$rss peak_rss_kib=$hwm"
+echo "cpu_s=$(echo "scale=2; ($utime + $stime) / $tck" | bc) (user $(echo "scale=2; $utime/$tck" | bc), system $(echo "scale=2; $stime/$tck" | bc))"
+echo "warnings_logged=$(grep -c WARN "$work/run.log" || true)"
