@@ -98,12 +98,7 @@ pub fn mqtt_options(gateway_id: &str, platform: &Platform) -> anyhow::Result<Mqt
 /// Drives the connection: reconnects with capped exponential backoff and
 /// logs each change of state once. Publishes the retained `online` status
 /// (generic profile) on every connect.
-async fn drive(
-    mut eventloop: rumqttc::EventLoop,
-    client: AsyncClient,
-    status: Option<String>,
-    connected: watch::Sender<bool>,
-) {
+async fn drive(mut eventloop: rumqttc::EventLoop, client: AsyncClient, status: Option<String>) {
     let mut backoff = RECONNECT_MIN;
     let mut last_error: Option<String> = None;
     loop {
@@ -112,7 +107,6 @@ async fn drive(
                 log::info!(target: "platform", "connected to the broker");
                 backoff = RECONNECT_MIN;
                 last_error = None;
-                connected.send_replace(true);
                 if let Some(topic) = &status {
                     let _ = client.try_publish(topic, QoS::AtLeastOnce, true, "online");
                 }
@@ -120,7 +114,6 @@ async fn drive(
             Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
             Ok(_) => {}
             Err(e) => {
-                connected.send_replace(false);
                 let text = describe(&e);
                 if last_error.as_deref() != Some(text.as_str()) {
                     log::warn!(target: "platform", "broker connection: {text}; retrying with backoff up to {}s", RECONNECT_MAX.as_secs());
@@ -153,13 +146,7 @@ pub async fn run(
     let options = mqtt_options(gateway_id, platform)?;
     let (client, eventloop) = AsyncClient::new(options, 64);
     let status = profile::status_topic(&platform.profile);
-    let (connected_tx, _connected) = watch::channel(false);
-    let driver = tokio::spawn(drive(
-        eventloop,
-        client.clone(),
-        status.clone(),
-        connected_tx,
-    ));
+    let driver = tokio::spawn(drive(eventloop, client.clone(), status.clone()));
     let spacing = platform
         .max_publish_rate
         .map(|rate| Duration::from_secs_f64(1.0 / rate));
