@@ -234,7 +234,7 @@ impl Slaves {
                     match p.kind {
                         Kind::Bit => unit.set_bit(p.area, p.address, toggle),
                         Kind::String { .. } => {
-                            let text = format!("SIM-{}-{}", device.unit, p.name);
+                            let text = format!("SIM{}", device.unit);
                             unit.set_registers(p.area, p.address, &codec::encode_text(p, &text));
                         }
                         _ => {

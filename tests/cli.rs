@@ -196,7 +196,7 @@ fn simulate_then_read_and_scan_through_the_binary() {
         String::from_utf8_lossy(&read.stderr)
     );
     assert!(
-        table.contains("firmware") && table.contains("\"SIM-2-fi\""),
+        table.contains("firmware") && table.contains("\"SIM2\""),
         "{table}"
     );
     assert!(

@@ -538,3 +538,44 @@ async fn a_slave_that_rejects_bridged_gaps_gets_gapless_reads() {
         "an exception is an answer"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_timeout_overrides_the_bus_timeout() {
+    // Both slaves answer after 450 ms; the bus allows 300 ms, one device 1 s.
+    let slaves = Slaves::new();
+    for unit in [1, 2] {
+        slaves.unit(unit, |u| {
+            u.set_registers(Area::Holding, 0, &[u16::from(unit)]);
+            u.delay = Duration::from_millis(450);
+        });
+    }
+    let pty = slaves.serve().unwrap();
+    let port = broker();
+    let platform = Subscriber::connect(port).await;
+    let mut config = header(port, &pty.path, "retries = 0");
+    config += &device(
+        "patient",
+        1,
+        "1s",
+        "timeout = \"1s\"",
+        &[("a", "area = \"holding\"\naddress = 0\ntype = \"u16\"")],
+    );
+    config += &device(
+        "hasty",
+        2,
+        "1s",
+        "key = \"h\"",
+        &[("b", "area = \"holding\"\naddress = 0\ntype = \"u16\"")],
+    );
+    let gw = Gateway::start(&config);
+    let seen = platform
+        .wait_until(Duration::from_secs(15), "3 reports", |s| {
+            payloads(s, "attributes").len() >= 3
+        })
+        .await;
+    assert!(payloads(&seen, "attributes")
+        .iter()
+        .all(|p| *p == json!({"a": 1})));
+    assert!(payloads(&seen, "gateway/attributes").is_empty());
+    assert_eq!(gw.log_lines("device hasty").len(), 1, "{}", gw.log());
+}
