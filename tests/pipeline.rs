@@ -14,16 +14,6 @@ use fieldgate::config::Area;
 use serde_json::json;
 use tokio_modbus::ExceptionCode;
 
-fn device(name: &str, unit: u8, poll: &str, extra: &str, points: &[(&str, &str)]) -> String {
-    let mut out = format!(
-        "\n[[device]]\nname = \"{name}\"\nbus = \"line\"\nunit = {unit}\npoll = \"{poll}\"\n{extra}\n"
-    );
-    for (name, spec) in points {
-        out += &format!("\n[[device.point]]\nname = \"{name}\"\n{spec}\n");
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_devices_twenty_points_give_exact_json() {
     let slaves = Slaves::new();
@@ -50,12 +40,7 @@ async fn two_devices_twenty_points_give_exact_json() {
         u.set_bit(Area::Discrete, 3, false);
         u.set_registers(Area::Input, 0, &[1500]);
     });
-    let pty = slaves.serve().unwrap();
-    let port = broker();
-    let platform = Subscriber::connect(port).await;
-
-    let mut config = header(port, &pty.path, "");
-    config += &device(
+    let mut devices = device(
         "meter",
         1,
         "300ms",
@@ -88,7 +73,7 @@ async fn two_devices_twenty_points_give_exact_json() {
             ),
         ],
     );
-    config += &device(
+    devices += &device(
         "pump",
         2,
         "300ms",
@@ -121,9 +106,10 @@ async fn two_devices_twenty_points_give_exact_json() {
             ("speed", "area = \"input\"\naddress = 0\ntype = \"u16\""),
         ],
     );
-    let gw = Gateway::start(&config);
+    let rig = Rig::start(&slaves, "", &devices).await;
 
-    let seen = platform
+    let seen = rig
+        .platform
         .wait_until(Duration::from_secs(10), "both reports", |s| {
             !payloads(s, "attributes").is_empty() && !payloads(s, "gateway/attributes").is_empty()
         })
@@ -135,7 +121,7 @@ async fn two_devices_twenty_points_give_exact_json() {
                "total": 1234.5678, "relay1": true, "relay2": false, "alarm": true,
                "fault": false, "temp": -12.0}),
         "log:\n{}",
-        gw.log()
+        rig.gw.log()
     );
     // Integers stay integers: 4000000000, not 4000000000.0.
     assert!(own["energy"].is_u64() && own["power"].is_i64() && own["temp"].is_f64());
@@ -171,35 +157,31 @@ async fn a_dead_slave_is_logged_once_and_its_neighbour_keeps_reporting() {
     let slaves = Slaves::new();
     slaves.unit(1, |u| u.set_registers(Area::Holding, 0, &[7]));
     slaves.unit(2, |u| u.silent = true);
-    let pty = slaves.serve().unwrap();
-    let port = broker();
-    let platform = Subscriber::connect(port).await;
-    let mut config = header(port, &pty.path, "retries = 1");
-    config += &device(
+    let mut devices = device(
         "alive",
         1,
         "200ms",
         "",
         &[("a", "area = \"holding\"\naddress = 0\ntype = \"u16\"")],
     );
-    config += &device(
+    devices += &device(
         "dead",
         2,
         "200ms",
         "key = \"d\"",
         &[("b", "area = \"holding\"\naddress = 0\ntype = \"u16\"")],
     );
-    let gw = Gateway::start(&config);
+    let rig = Rig::start(&slaves, "retries = 1", &devices).await;
 
-    platform
+    rig.platform
         .wait_until(
             Duration::from_secs(10),
             "10 reports of the live device",
             |s| payloads(s, "attributes").len() >= 10,
         )
         .await;
-    assert!(payloads(&platform.all(), "gateway/attributes").is_empty());
-    let lines = gw.log_lines("device dead");
+    assert!(payloads(&rig.platform.all(), "gateway/attributes").is_empty());
+    let lines = rig.gw.log_lines("device dead");
     assert_eq!(
         lines.len(),
         1,
@@ -209,12 +191,12 @@ async fn a_dead_slave_is_logged_once_and_its_neighbour_keeps_reporting() {
 
     // It comes back: logged once more, and it reports again.
     slaves.unit(2, |u| u.silent = false);
-    platform
+    rig.platform
         .wait_until(Duration::from_secs(15), "the revived device", |s| {
             !payloads(s, "gateway/attributes").is_empty()
         })
         .await;
-    let lines = gw.log_lines("device dead");
+    let lines = rig.gw.log_lines("device dead");
     assert_eq!(lines.len(), 2, "{lines:#?}");
     assert!(lines[1].contains("responding again"), "{lines:?}");
 }
@@ -227,11 +209,7 @@ async fn an_exception_on_one_block_keeps_the_other_points() {
         u.exceptions
             .push((Area::Holding, 100..=101, ExceptionCode::IllegalDataAddress));
     });
-    let pty = slaves.serve().unwrap();
-    let port = broker();
-    let platform = Subscriber::connect(port).await;
-    let mut config = header(port, &pty.path, "");
-    config += &device(
+    let devices = device(
         "m",
         1,
         "200ms",
@@ -242,8 +220,9 @@ async fn an_exception_on_one_block_keeps_the_other_points() {
             ("z", "area = \"holding\"\naddress = 100\ntype = \"u32\""),
         ],
     );
-    let gw = Gateway::start(&config);
-    let seen = platform
+    let rig = Rig::start(&slaves, "", &devices).await;
+    let seen = rig
+        .platform
         .wait_until(Duration::from_secs(10), "5 reports", |s| {
             payloads(s, "attributes").len() >= 5
         })
@@ -251,7 +230,7 @@ async fn an_exception_on_one_block_keeps_the_other_points() {
     for p in payloads(&seen, "attributes") {
         assert_eq!(p, json!({"x": 11, "y": 22}));
     }
-    let lines = gw.log_lines("cannot read");
+    let lines = rig.gw.log_lines("cannot read");
     assert_eq!(lines.len(), 1, "{lines:#?}");
     assert!(
         lines[0].contains("exception 0x02") && lines[0].contains("holding 100..101"),
@@ -270,11 +249,7 @@ async fn a_late_reply_is_never_taken_for_the_next_answer() {
         u.slow
             .push((Area::Holding, 0..=1, Duration::from_millis(400)));
     });
-    let pty = slaves.serve().unwrap();
-    let port = broker();
-    let platform = Subscriber::connect(port).await;
-    let mut config = header(port, &pty.path, "retries = 1");
-    config += &device(
+    let devices = device(
         "m",
         1,
         "500ms",
@@ -286,14 +261,15 @@ async fn a_late_reply_is_never_taken_for_the_next_answer() {
             ("b2", "area = \"holding\"\naddress = 61\ntype = \"u16\""),
         ],
     );
-    let gw = Gateway::start(&config);
-    let seen = platform
+    let rig = Rig::start(&slaves, "retries = 1", &devices).await;
+    let seen = rig
+        .platform
         .wait_until(Duration::from_secs(20), "5 reports", |s| {
             payloads(s, "attributes").len() >= 5
         })
         .await;
     for p in payloads(&seen, "attributes") {
-        assert_eq!(p, json!({"b": 2221, "b2": 2222}), "log:\n{}", gw.log());
+        assert_eq!(p, json!({"b": 2221, "b2": 2222}), "log:\n{}", rig.gw.log());
     }
 }
 
@@ -302,25 +278,21 @@ async fn a_dead_unit_backs_off_while_its_neighbour_keeps_its_interval() {
     let slaves = Slaves::new();
     slaves.unit(1, |u| u.set_registers(Area::Holding, 0, &[1]));
     slaves.unit(3, |u| u.silent = true);
-    let pty = slaves.serve().unwrap();
-    let port = broker();
-    let mut config = header(port, &pty.path, "retries = 0\ntimeout = \"100ms\"")
-        .replace("timeout = \"300ms\"\n", "");
-    config += &device(
+    let mut devices = device(
         "alive",
         1,
         "250ms",
         "",
         &[("a", "area = \"holding\"\naddress = 0\ntype = \"u16\"")],
     );
-    config += &device(
+    devices += &device(
         "dead",
         3,
         "250ms",
         "key = \"d\"",
         &[("b", "area = \"holding\"\naddress = 0\ntype = \"u16\"")],
     );
-    let _gw = Gateway::start(&config);
+    let _rig = Rig::start(&slaves, "retries = 0\ntimeout = \"100ms\"", &devices).await;
     tokio::time::sleep(Duration::from_millis(7500)).await;
 
     let times = |unit: u8| -> Vec<f64> {
@@ -354,11 +326,7 @@ async fn a_dead_unit_backs_off_while_its_neighbour_keeps_its_interval() {
 async fn report_on_change_honours_deadband_and_heartbeat() {
     let slaves = Slaves::new();
     slaves.unit(1, |u| u.set_registers(Area::Holding, 0, &[100, 1]));
-    let pty = slaves.serve().unwrap();
-    let port = broker();
-    let platform = Subscriber::connect(port).await;
-    let mut config = header(port, &pty.path, "");
-    config += &device(
+    let devices = device(
         "m",
         1,
         "100ms",
@@ -371,8 +339,8 @@ async fn report_on_change_honours_deadband_and_heartbeat() {
             ("mode", "area = \"holding\"\naddress = 1\ntype = \"u16\""),
         ],
     );
-    let _gw = Gateway::start(&config);
-    platform
+    let rig = Rig::start(&slaves, "", &devices).await;
+    rig.platform
         .wait_until(Duration::from_secs(10), "first report", |s| {
             !payloads(s, "attributes").is_empty()
         })
@@ -380,7 +348,8 @@ async fn report_on_change_honours_deadband_and_heartbeat() {
     slaves.unit(1, |u| u.set_registers(Area::Holding, 0, &[103])); // +0.3: inside the deadband
     tokio::time::sleep(Duration::from_millis(600)).await;
     slaves.unit(1, |u| u.set_registers(Area::Holding, 0, &[111])); // +1.1: reported alone
-    let seen = platform
+    let seen = rig
+        .platform
         .wait_until(Duration::from_secs(10), "heartbeat", |s| {
             payloads(s, "attributes").len() >= 3
         })
@@ -491,11 +460,7 @@ async fn a_slave_that_rejects_bridged_gaps_gets_gapless_reads() {
         u.exceptions
             .push((Area::Holding, 2..=5, ExceptionCode::IllegalDataAddress));
     });
-    let pty = slaves.serve().unwrap();
-    let port = broker();
-    let platform = Subscriber::connect(port).await;
-    let mut config = header(port, &pty.path, "");
-    config += &device(
+    let devices = device(
         "m",
         1,
         "200ms",
@@ -505,8 +470,9 @@ async fn a_slave_that_rejects_bridged_gaps_gets_gapless_reads() {
             ("c", "area = \"holding\"\naddress = 6\ntype = \"u16\""),
         ],
     );
-    let gw = Gateway::start(&config);
-    let seen = platform
+    let rig = Rig::start(&slaves, "", &devices).await;
+    let seen = rig
+        .platform
         .wait_until(Duration::from_secs(10), "3 reports", |s| {
             payloads(s, "attributes").len() >= 3
         })
@@ -532,9 +498,9 @@ async fn a_slave_that_rejects_bridged_gaps_gets_gapless_reads() {
             (Area::Holding, 6, 1)
         ]
     );
-    assert_eq!(gw.log_lines("gapless").len(), 1, "{}", gw.log());
+    assert_eq!(rig.gw.log_lines("gapless").len(), 1, "{}", rig.gw.log());
     assert!(
-        gw.log_lines("not responding").is_empty(),
+        rig.gw.log_lines("not responding").is_empty(),
         "an exception is an answer"
     );
 }
@@ -549,26 +515,23 @@ async fn a_device_timeout_overrides_the_bus_timeout() {
             u.delay = Duration::from_millis(450);
         });
     }
-    let pty = slaves.serve().unwrap();
-    let port = broker();
-    let platform = Subscriber::connect(port).await;
-    let mut config = header(port, &pty.path, "retries = 0");
-    config += &device(
+    let mut devices = device(
         "patient",
         1,
         "1s",
         "timeout = \"1s\"",
         &[("a", "area = \"holding\"\naddress = 0\ntype = \"u16\"")],
     );
-    config += &device(
+    devices += &device(
         "hasty",
         2,
         "1s",
         "key = \"h\"",
         &[("b", "area = \"holding\"\naddress = 0\ntype = \"u16\"")],
     );
-    let gw = Gateway::start(&config);
-    let seen = platform
+    let rig = Rig::start(&slaves, "retries = 0", &devices).await;
+    let seen = rig
+        .platform
         .wait_until(Duration::from_secs(15), "3 reports", |s| {
             payloads(s, "attributes").len() >= 3
         })
@@ -577,5 +540,10 @@ async fn a_device_timeout_overrides_the_bus_timeout() {
         .iter()
         .all(|p| *p == json!({"a": 1})));
     assert!(payloads(&seen, "gateway/attributes").is_empty());
-    assert_eq!(gw.log_lines("device hasty").len(), 1, "{}", gw.log());
+    assert_eq!(
+        rig.gw.log_lines("device hasty").len(),
+        1,
+        "{}",
+        rig.gw.log()
+    );
 }

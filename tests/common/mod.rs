@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, Transport};
 use serde_json::Value;
 
-pub use fieldgate::sim::Slaves;
+pub use fieldgate::sim::{Pty, Slaves};
 
 /// One message as the platform side saw it.
 #[derive(Debug, Clone)]
@@ -175,6 +175,11 @@ impl Drop for Gateway {
 
 /// The `[gateway]`, `[platform]` and `[[bus]]` sections for a test.
 pub fn header(broker_port: u16, pty: &Path, bus_extra: &str) -> String {
+    let timeout = if bus_extra.contains("timeout") {
+        ""
+    } else {
+        "timeout = \"300ms\""
+    };
     format!(
         r#"
 [gateway]
@@ -192,7 +197,7 @@ max_publish_rate = 0
 name = "line"
 port = "{}"
 baud = 115200
-timeout = "300ms"
+{timeout}
 {bus_extra}
 "#,
         pty.display()
@@ -205,4 +210,42 @@ pub fn payloads(seen: &[Seen], topic: &str) -> Vec<Value> {
         .filter(|s| s.topic == topic)
         .map(|s| s.payload.clone())
         .collect()
+}
+
+/// A `[[device]]` on bus "line" with its points (name, TOML body).
+pub fn device(name: &str, unit: u8, poll: &str, extra: &str, points: &[(&str, &str)]) -> String {
+    let mut out = format!(
+        "\n[[device]]\nname = \"{name}\"\nbus = \"line\"\nunit = {unit}\npoll = \"{poll}\"\n{extra}\n"
+    );
+    for (name, spec) in points {
+        out += &format!("\n[[device.point]]\nname = \"{name}\"\n{spec}\n");
+    }
+    out
+}
+
+/// The usual setup: `slaves` on a pty, a broker, a subscriber, and
+/// `fieldgate run` polling `devices` on bus "line".
+pub struct Rig {
+    pub platform: Subscriber,
+    pub gw: Gateway,
+    pub pty: Pty,
+}
+
+impl Rig {
+    pub async fn start(slaves: &Slaves, bus_extra: &str, devices: &str) -> Self {
+        let pty = slaves.serve().expect("pty");
+        let port = broker();
+        let platform = Subscriber::connect(port).await;
+        let gw = Gateway::start(&(header(port, &pty.path, bus_extra) + devices));
+        Self { platform, gw, pty }
+    }
+
+    /// Waits for `n` messages on `topic`; returns everything seen so far.
+    pub async fn wait_for(&self, topic: &str, n: usize, limit: Duration) -> Vec<Seen> {
+        self.platform
+            .wait_until(limit, &format!("{n} messages on {topic}"), |s| {
+                payloads(s, topic).len() >= n
+            })
+            .await
+    }
 }
