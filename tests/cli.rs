@@ -74,7 +74,7 @@ fn check_prints_the_plan_and_warns_when_a_bus_is_over_budget() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     assert!(
-        stdout.contains("OK (1 buses, 2 devices, 9 points"),
+        stdout.contains("OK (1 bus, 2 devices, 9 points"),
         "{stdout}"
     );
     assert!(stdout.contains("FC04 input"), "{stdout}");

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::commands::human;
+use crate::commands::{count, human};
 use crate::config::{Bus, BusMode, Config, Parity};
 use crate::poll::plan::{self, TURNAROUND};
 
@@ -33,11 +33,12 @@ pub fn report(config: &Config, source: &str) -> (String, usize) {
     let mut warnings = 0;
     let points: usize = config.devices.iter().map(|d| d.points.len()).sum();
     out += &format!(
-        "{source}: OK ({} buses, {} devices, {points} points, {} commands, {} streams)\n",
-        config.buses.len(),
-        config.devices.len(),
-        config.commands.len(),
-        config.streams.len()
+        "{source}: OK ({}, {}, {}, {}, {})\n",
+        count(config.buses.len(), "bus"),
+        count(config.devices.len(), "device"),
+        count(points, "point"),
+        count(config.commands.len(), "command"),
+        count(config.streams.len(), "stream")
     );
     if config.platform.is_none() {
         out += "note: no [platform] section: `read`, `scan` and `simulate` work, `run` does not\n";
@@ -62,12 +63,12 @@ pub fn report(config: &Config, source: &str) -> (String, usize) {
             let cycle = plan::cycle_time(bus, &blocks);
             cycle_all += cycle;
             out += &format!(
-                "  device {} (unit {}, every {}): {} points in {} requests, {} per cycle = {:.1}% of its interval\n",
+                "  device {} (unit {}, every {}): {} in {}, {} per cycle = {:.1}% of its interval\n",
                 device.name,
                 device.unit,
                 human(device.poll),
-                device.points.len(),
-                blocks.len(),
+                count(device.points.len(), "point"),
+                count(blocks.len(), "request"),
                 human(cycle),
                 100.0 * cycle.as_secs_f64() / device.poll.as_secs_f64()
             );
