@@ -385,6 +385,47 @@ mod tests {
     }
 
     #[test]
+    fn every_integer_type_in_every_order() {
+        // Wire registers written out by hand from struct.pack('>q', -5000000000)
+        // = fffffffed5fa0e00, struct.pack('>Q', 0x0102030405060708) and
+        // struct.pack('>h', -300) = fed4.
+        let i64_cases = [
+            (Order::Abcd, [0xFFFF, 0xFFFE, 0xD5FA, 0x0E00]),
+            (Order::Cdab, [0x0E00, 0xD5FA, 0xFFFE, 0xFFFF]),
+            (Order::Badc, [0xFFFF, 0xFEFF, 0xFAD5, 0x000E]),
+            (Order::Dcba, [0x000E, 0xFAD5, 0xFEFF, 0xFFFF]),
+        ];
+        for (order, regs) in i64_cases {
+            assert_eq!(
+                dec(Kind::I64, order, &regs),
+                Value::Int(-5_000_000_000),
+                "{order:?}"
+            );
+        }
+        let u64_cases = [
+            (Order::Abcd, [0x0102, 0x0304, 0x0506, 0x0708]),
+            (Order::Cdab, [0x0708, 0x0506, 0x0304, 0x0102]),
+            (Order::Badc, [0x0201, 0x0403, 0x0605, 0x0807]),
+            (Order::Dcba, [0x0807, 0x0605, 0x0403, 0x0201]),
+        ];
+        for (order, regs) in u64_cases {
+            assert_eq!(
+                dec(Kind::U64, order, &regs),
+                Value::Int(0x0102_0304_0506_0708),
+                "{order:?}"
+            );
+        }
+        for (order, reg) in [
+            (Order::Abcd, 0xFED4),
+            (Order::Cdab, 0xFED4),
+            (Order::Badc, 0xD4FE),
+            (Order::Dcba, 0xD4FE),
+        ] {
+            assert_eq!(dec(Kind::I16, order, &[reg]), Value::Int(-300), "{order:?}");
+        }
+    }
+
+    #[test]
     fn nan_and_infinity_decode_but_are_not_json() {
         // 0x7FC00000 is the canonical f32 quiet NaN; 0x7FF8... for f64.
         let nan = dec(Kind::F32, Order::Abcd, &[0x7FC0, 0x0000]);
