@@ -1,5 +1,7 @@
-//! `fieldgate run`: wires config → one poller per bus → uplink queue →
-//! platform, and stops them all on shutdown.
+//! `fieldgate run`: wires config → one poller per bus → outbox → platform,
+//! and stops them all on shutdown with the outbox flushed.
+
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use tokio::sync::{mpsc, watch};
@@ -7,10 +9,11 @@ use tokio::sync::{mpsc, watch};
 use crate::bus::Bus;
 use crate::commands::Usage;
 use crate::config::{BusMode, Config};
+use crate::outbox::Outbox;
 use crate::platform;
 use crate::poll::{Poller, Reading};
 
-/// Readings waiting for the platform; beyond this the poller drops and counts.
+/// Readings on their way to the outbox (a few ms each).
 const UPLINK_QUEUE: usize = 1024;
 
 /// Runs the daemon until `shutdown` turns true.
@@ -18,7 +21,11 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
     let Some(platform) = config.platform.clone() else {
         return Err(Usage("the config has no [platform] section; `run` needs one".into()).into());
     };
-    let (readings_tx, readings_rx) = mpsc::channel::<Reading>(UPLINK_QUEUE);
+    let outbox = Arc::new(Outbox::open(
+        &config.gateway.data_dir,
+        config.buffer.max_bytes,
+    )?);
+    let (readings_tx, mut readings_rx) = mpsc::channel::<Reading>(UPLINK_QUEUE);
     let mut pollers = Vec::new();
     for bus_config in config.buses.iter().filter(|b| b.mode == BusMode::Rtu) {
         let devices: Vec<_> = config.devices_on(&bus_config.name).cloned().collect();
@@ -41,11 +48,27 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
         platform.host,
         platform.port
     );
-    let uplink = platform::run(&config.gateway.id, &platform, readings_rx, shutdown);
+    // Every reading is on disk before anything tries to send it.
+    let store = {
+        let outbox = outbox.clone();
+        tokio::spawn(async move {
+            while let Some(reading) = readings_rx.recv().await {
+                outbox.push(&reading.into());
+            }
+        })
+    };
+    let status = {
+        let outbox = outbox.clone();
+        tokio::spawn(async move { outbox.keep_status().await })
+    };
+    let uplink = platform::run(&config.gateway.id, &platform, outbox.clone(), shutdown);
     uplink.await.context("platform connection")?;
     for poller in pollers {
         let _ = poller.await;
     }
+    let _ = store.await;
+    status.abort();
+    outbox.flush()?;
     log::info!(target: "daemon", "stopped");
     Ok(())
 }

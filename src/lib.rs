@@ -10,6 +10,7 @@ pub mod bus;
 pub mod commands;
 pub mod config;
 pub mod daemon;
+pub mod outbox;
 pub mod platform;
 pub mod poll;
 pub mod sim;

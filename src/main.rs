@@ -47,6 +47,8 @@ enum Command {
     },
     /// No-hardware quick start: simulated slaves + embedded broker + the daemon
     Demo,
+    /// Show the outbox: messages held, bytes, oldest sample age, dropped count
+    Buffer,
     /// Find which unit ids answer on a bus
     Scan {
         bus: String,
@@ -78,6 +80,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Read { device, points } => commands::read::run(&load()?, &device, &points).await,
         Command::Simulate { wire_time } => commands::simulate::run(&load()?, wire_time).await,
         Command::Demo => commands::demo::run().await,
+        Command::Buffer => commands::buffer::run(&load()?),
         Command::Scan { bus, units } => commands::scan::run(&load()?, &bus, units).await,
     }
 }

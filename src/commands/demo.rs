@@ -16,6 +16,9 @@ pub const DEMO_CONFIG: &str = include_str!("../../config/demo.toml");
 
 pub async fn run() -> anyhow::Result<()> {
     let mut config = config::parse(Path::new("config/demo.toml"), DEMO_CONFIG)?;
+    // A fresh outbox per run: a demo never replays an earlier one's backlog.
+    let data_dir = std::env::temp_dir().join(format!("fieldgate-demo-{}", std::process::id()));
+    config.gateway.data_dir = data_dir.clone();
     let lines = simulate::start(&config, true)?;
     for (bus_name, pty, _) in &lines {
         if let Some(bus) = config.buses.iter_mut().find(|b| &b.name == bus_name) {
@@ -64,5 +67,6 @@ pub async fn run() -> anyhow::Result<()> {
         () = simulate::animate(&config, &lines) => {}
     }
     printer.abort();
+    let _ = std::fs::remove_dir_all(&data_dir);
     Ok(())
 }

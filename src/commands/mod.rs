@@ -1,6 +1,7 @@
 //! The CLI subcommands other than `run`. Each takes a loaded config and
 //! prints for a person; errors go back to `main` for the exit code.
 
+pub mod buffer;
 pub mod check;
 pub mod demo;
 pub mod read;

@@ -1,7 +1,6 @@
 //! The platform side: one MQTT connection (rumqttc, QoS 1, TLS via rustls)
-//! that turns readings into profile messages and keeps reconnecting with
-//! capped exponential backoff. Readings arrive through one queue; this is
-//! where the durable outbox plugs in.
+//! that publishes the outbox in order, removes what the broker acknowledged
+//! and keeps reconnecting with capped exponential backoff.
 
 pub mod profile;
 
@@ -13,11 +12,13 @@ use rumqttc::{
     AsyncClient, ConnectionError, Event, LastWill, MqttOptions, Outgoing, Packet, QoS, Transport,
 };
 use rustls::pki_types::{pem::PemObject, CertificateDer};
-use tokio::sync::{mpsc, watch};
+use std::collections::{HashMap, VecDeque};
+
+use tokio::sync::watch;
 use tokio::time::{sleep, sleep_until, Instant};
 
 use crate::config::{Platform, Profile};
-use crate::poll::Reading;
+use crate::outbox::Outbox;
 use profile::Message;
 
 const RECONNECT_MIN: Duration = Duration::from_secs(1);
@@ -95,37 +96,6 @@ pub fn mqtt_options(gateway_id: &str, platform: &Platform) -> anyhow::Result<Mqt
     Ok(options)
 }
 
-/// Drives the connection: reconnects with capped exponential backoff and
-/// logs each change of state once. Publishes the retained `online` status
-/// (generic profile) on every connect.
-async fn drive(mut eventloop: rumqttc::EventLoop, client: AsyncClient, status: Option<String>) {
-    let mut backoff = RECONNECT_MIN;
-    let mut last_error: Option<String> = None;
-    loop {
-        match eventloop.poll().await {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                log::info!(target: "platform", "connected to the broker");
-                backoff = RECONNECT_MIN;
-                last_error = None;
-                if let Some(topic) = &status {
-                    let _ = client.try_publish(topic, QoS::AtLeastOnce, true, "online");
-                }
-            }
-            Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
-            Ok(_) => {}
-            Err(e) => {
-                let text = describe(&e);
-                if last_error.as_deref() != Some(text.as_str()) {
-                    log::warn!(target: "platform", "broker connection: {text}; retrying with backoff up to {}s", RECONNECT_MAX.as_secs());
-                    last_error = Some(text);
-                }
-                sleep(backoff).await;
-                backoff = (backoff * 2).min(RECONNECT_MAX);
-            }
-        }
-    }
-}
-
 fn describe(e: &ConnectionError) -> String {
     match e {
         ConnectionError::ConnectionRefused(code) => {
@@ -135,56 +105,166 @@ fn describe(e: &ConnectionError) -> String {
     }
 }
 
-/// Publishes readings until `shutdown`, then says `offline` (generic
-/// profile) and disconnects.
+/// Publications handed to rumqttc and not yet acknowledged. QoS 1 packet ids
+/// are assigned by the event loop in the order we publish, so the records
+/// behind each publication are matched to its id first-in, first-out.
+#[derive(Default)]
+struct Window {
+    /// Published, packet id not yet seen.
+    unassigned: VecDeque<Vec<u64>>,
+    /// Sent, waiting for PUBACK: packet id → outbox sequence numbers.
+    inflight: HashMap<u16, Vec<u64>>,
+}
+
+impl Window {
+    fn len(&self) -> usize {
+        self.unassigned.len() + self.inflight.len()
+    }
+
+    fn assigned(&mut self, pkid: u16) {
+        if let Some(seqs) = self.unassigned.pop_front() {
+            self.inflight.insert(pkid, seqs);
+        }
+    }
+
+    fn acked(&mut self, pkid: u16) -> Vec<u64> {
+        self.inflight.remove(&pkid).unwrap_or_default()
+    }
+
+    fn clear(&mut self) {
+        self.unassigned.clear();
+        self.inflight.clear();
+    }
+}
+
+/// At most this many publications wait for PUBACK at once.
+const WINDOW: usize = 32;
+/// Records read ahead from the outbox to form one (combined) message.
+const READ_AHEAD: usize = 512;
+
+/// The next message from the outbox after `cursor`: its payload, the
+/// records it carries and the last of their sequence numbers.
+fn next_message(
+    outbox: &Outbox,
+    profile: &Profile,
+    cursor: Option<u64>,
+) -> Option<(Message, Vec<u64>)> {
+    let records = outbox.after(cursor, READ_AHEAD);
+    if records.is_empty() {
+        return None;
+    }
+    let (seqs, records): (Vec<u64>, Vec<_>) = records.into_iter().unzip();
+    let n = profile::batch_len(profile, &records);
+    Some((profile::message(profile, &records[..n]), seqs[..n].to_vec()))
+}
+
+/// Publishes the outbox in order until `shutdown`: QoS 1, at most
+/// `max_publish_rate` messages per second, at most [`WINDOW`] unacknowledged,
+/// each record removed from the outbox when its PUBACK arrives. After a
+/// reconnect everything unacknowledged is sent again from the oldest.
 pub async fn run(
     gateway_id: &str,
     platform: &Platform,
-    mut readings: mpsc::Receiver<Reading>,
+    outbox: Arc<Outbox>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let options = mqtt_options(gateway_id, platform)?;
-    let (client, eventloop) = AsyncClient::new(options, 64);
+    let (client, mut eventloop) = AsyncClient::new(options, WINDOW + 8);
     let status = profile::status_topic(&platform.profile);
-    let driver = tokio::spawn(drive(eventloop, client.clone(), status.clone()));
     let spacing = platform
         .max_publish_rate
         .map(|rate| Duration::from_secs_f64(1.0 / rate));
-    let mut next_send = Instant::now();
-    loop {
-        let reading = tokio::select! {
+    let mut window = Window::default();
+    let mut connected = false;
+    let mut cursor: Option<u64> = None;
+    let mut next: Option<(Message, Vec<u64>)> = None;
+    let mut next_slot = Instant::now();
+    let mut backoff = RECONNECT_MIN;
+    let mut last_error: Option<String> = None;
+    'run: loop {
+        let open = connected && window.len() < WINDOW;
+        if open && next.is_none() {
+            next = next_message(&outbox, &platform.profile, cursor);
+        }
+        tokio::select! {
             biased;
             () = crate::stopped(&mut shutdown) => break,
-            r = readings.recv() => match r {
-                Some(r) => r,
-                None => break,
+            event = eventloop.poll() => match event {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    log::info!(target: "platform", "connected to the broker");
+                    backoff = RECONNECT_MIN;
+                    last_error = None;
+                    connected = true;
+                    if let Some(topic) = &status {
+                        window.unassigned.push_back(Vec::new());
+                        let _ = client.try_publish(topic, QoS::AtLeastOnce, true, "online");
+                    }
+                }
+                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => window.assigned(pkid),
+                Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                    if let Err(e) = outbox.remove(&window.acked(ack.pkid)) {
+                        log::error!(target: "platform", "{e}");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    // rumqttc would resend its own copies; the outbox resends
+                    // everything unacknowledged instead, in order.
+                    eventloop.pending.clear();
+                    window.clear();
+                    connected = false;
+                    cursor = None;
+                    next = None;
+                    let text = describe(&e);
+                    if last_error.as_deref() != Some(text.as_str()) {
+                        log::warn!(target: "platform", "broker connection: {text}; retrying with backoff up to {}s", RECONNECT_MAX.as_secs());
+                        last_error = Some(text);
+                    }
+                    tokio::select! {
+                        () = crate::stopped(&mut shutdown) => break 'run,
+                        () = sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(RECONNECT_MAX);
+                }
             },
-        };
-        if let Some(spacing) = spacing {
-            sleep_until(next_send).await;
-            next_send = Instant::now().max(next_send) + spacing;
+            () = sleep_until(next_slot), if open && next.is_some() => {
+                if let Some((message, seqs)) = next.take() {
+                    cursor = seqs.last().copied().or(cursor);
+                    window.unassigned.push_back(seqs);
+                    if client
+                        .try_publish(message.topic, QoS::AtLeastOnce, message.retain, message.payload)
+                        .is_err()
+                    {
+                        // Cannot happen while the window is smaller than the
+                        // request channel; resend from the oldest if it does.
+                        window.clear();
+                        cursor = None;
+                    }
+                    if let Some(spacing) = spacing {
+                        next_slot = Instant::now().max(next_slot) + spacing;
+                    }
+                }
+            },
+            () = outbox.appended(), if open && next.is_none() => {}
         }
-        let Message {
-            topic,
-            payload,
-            retain,
-        } = profile::attributes(&platform.profile, &reading);
-        client
-            .publish(topic, QoS::AtLeastOnce, retain, payload)
-            .await
-            .context("MQTT client stopped")?;
     }
     if let Some(topic) = status {
         let _ = client.try_publish(topic, QoS::AtLeastOnce, true, "offline");
     }
     let _ = client.try_disconnect();
-    // Give the event loop a moment to flush the last packets.
-    let abort = driver.abort_handle();
-    if tokio::time::timeout(Duration::from_secs(2), driver)
-        .await
-        .is_err()
-    {
-        abort.abort();
-    }
+    // Let the event loop deliver the last acknowledgements and the goodbye.
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                    let _ = outbox.remove(&window.acked(ack.pkid));
+                }
+                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => window.assigned(pkid),
+                Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
     Ok(())
 }

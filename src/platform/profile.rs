@@ -1,12 +1,10 @@
 //! Platform profiles: how readings become MQTT topics and payloads
 //! (ThingsCloud, SPEC §5; any broker, SPEC §6).
 
-use std::time::UNIX_EPOCH;
-
 use serde_json::json;
 
 use crate::config::Profile;
-use crate::poll::Reading;
+use crate::outbox::{Body, Record};
 
 /// One MQTT publication.
 #[derive(Debug, Clone, PartialEq)]
@@ -16,25 +14,74 @@ pub struct Message {
     pub retain: bool,
 }
 
-/// Milliseconds since the Unix epoch of a reading's sample time.
-pub fn epoch_ms(reading: &Reading) -> u64 {
-    reading
-        .taken
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+/// Payload limit of one combined `gateway/attributes` message.
+pub const COMBINED_MAX_BYTES: usize = 64 * 1024;
+
+/// The sub-device key of a record that may share a message with others
+/// (ThingsCloud sub-device attributes only).
+fn combinable<'a>(profile: &Profile, record: &'a Record) -> Option<&'a str> {
+    match (profile, &record.body) {
+        (Profile::ThingsCloud { .. }, Body::Attributes { key: Some(key), .. }) => Some(key),
+        _ => None,
+    }
 }
 
-/// The uplink message for one reading.
-pub fn attributes(profile: &Profile, reading: &Reading) -> Message {
-    let (topic, payload) = match (profile, &reading.key) {
-        (Profile::ThingsCloud { .. }, None) => ("attributes".to_string(), json!(reading.values)),
-        (Profile::ThingsCloud { .. }, Some(key)) => (
-            "gateway/attributes".to_string(),
-            json!({ key.as_str(): reading.values }),
-        ),
+/// How many of `records` (oldest first, at least one) go into the next
+/// message: consecutive sub-device reports of distinct keys, up to
+/// [`COMBINED_MAX_BYTES`]. Two samples of one device are never merged.
+pub fn batch_len(profile: &Profile, records: &[Record]) -> usize {
+    let mut keys = std::collections::HashSet::new();
+    let mut bytes = 2;
+    let mut n = 0;
+    for record in records {
+        let Some(key) = combinable(profile, record) else {
+            break;
+        };
+        let Body::Attributes { values, .. } = &record.body;
+        let size = key.len() + 4 + serde_json::to_vec(values).map_or(0, |v| v.len());
+        if !keys.insert(key) || (n > 0 && bytes + size > COMBINED_MAX_BYTES) {
+            break;
+        }
+        bytes += size;
+        n += 1;
+    }
+    n.max(1).min(records.len())
+}
+
+/// The message for `records`, which [`batch_len`] chose to go together.
+pub fn message(profile: &Profile, records: &[Record]) -> Message {
+    let Some(first) = records.first() else {
+        return Message {
+            topic: String::new(),
+            payload: Vec::new(),
+            retain: false,
+        };
+    };
+    let Body::Attributes {
+        device,
+        key,
+        values,
+    } = &first.body;
+    let (topic, payload) = match (profile, key) {
+        (Profile::ThingsCloud { .. }, None) => ("attributes".to_string(), json!(values)),
+        (Profile::ThingsCloud { .. }, Some(_)) => {
+            let mut combined = serde_json::Map::new();
+            for record in records {
+                let Body::Attributes {
+                    key: Some(key),
+                    values,
+                    ..
+                } = &record.body
+                else {
+                    continue;
+                };
+                combined.insert(key.clone(), json!(values));
+            }
+            ("gateway/attributes".to_string(), json!(combined))
+        }
         (Profile::Generic { topic_prefix, .. }, _) => (
-            format!("{topic_prefix}/{}/attributes", reading.device),
-            json!({ "ts": epoch_ms(reading), "values": reading.values }),
+            format!("{topic_prefix}/{device}/attributes"),
+            json!({ "ts": first.taken_ms, "values": values }),
         ),
     };
     Message {
@@ -56,17 +103,18 @@ pub fn status_topic(profile: &Profile) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::{Duration, SystemTime};
 
-    fn reading(key: Option<&str>) -> Reading {
+    fn record(key: Option<&str>, v: f64) -> Record {
         let mut values = serde_json::Map::new();
-        values.insert("voltage".into(), json!(229.6));
+        values.insert("voltage".into(), json!(v));
         values.insert("relay1".into(), json!(true));
-        Reading {
-            device: "meter-a".into(),
-            key: key.map(Into::into),
-            taken: SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
-            values,
+        Record {
+            taken_ms: 1_700_000_000_123,
+            body: Body::Attributes {
+                device: "meter-a".into(),
+                key: key.map(Into::into),
+                values,
+            },
         }
     }
 
@@ -79,10 +127,10 @@ mod tests {
 
     #[test]
     fn thingscloud_topics_and_payloads() {
-        let m = attributes(&tc(), &reading(None));
+        let m = message(&tc(), &[record(None, 229.6)]);
         assert_eq!(m.topic, "attributes");
         assert_eq!(m.payload, br#"{"voltage":229.6,"relay1":true}"#);
-        let m = attributes(&tc(), &reading(Some("meter-a-001")));
+        let m = message(&tc(), &[record(Some("meter-a-001"), 229.6)]);
         assert_eq!(m.topic, "gateway/attributes");
         assert_eq!(
             m.payload,
@@ -92,13 +140,51 @@ mod tests {
     }
 
     #[test]
+    fn sub_devices_waiting_together_share_one_message() {
+        let records = [
+            record(Some("a"), 1.0),
+            record(Some("b"), 2.0),
+            record(Some("a"), 3.0), // a second sample of "a": next message
+            record(Some("c"), 4.0),
+        ];
+        assert_eq!(batch_len(&tc(), &records), 2);
+        let m = message(&tc(), &records[..2]);
+        assert_eq!(
+            m.payload,
+            br#"{"a":{"voltage":1.0,"relay1":true},"b":{"voltage":2.0,"relay1":true}}"#
+        );
+        assert_eq!(batch_len(&tc(), &records[2..]), 2);
+        // The gateway's own report is never merged with sub-devices.
+        assert_eq!(
+            batch_len(&tc(), &[record(None, 1.0), record(Some("a"), 1.0)]),
+            1
+        );
+        assert_eq!(
+            batch_len(&tc(), &[record(Some("a"), 1.0), record(None, 1.0)]),
+            1
+        );
+    }
+
+    #[test]
+    fn combined_messages_stay_under_the_payload_limit() {
+        let big: Vec<Record> = (0..2000)
+            .map(|i| record(Some(&format!("sub-device-{i}")), f64::from(i)))
+            .collect();
+        let n = batch_len(&tc(), &big);
+        assert!(n > 100 && n < 2000, "{n}");
+        assert!(message(&tc(), &big[..n]).payload.len() <= COMBINED_MAX_BYTES);
+    }
+
+    #[test]
     fn generic_topics_carry_the_sample_time() {
         let p = Profile::Generic {
             username: None,
             password: None,
             topic_prefix: "fieldgate/gw".into(),
         };
-        let m = attributes(&p, &reading(Some("ignored")));
+        let records = [record(Some("ignored"), 229.6), record(Some("other"), 1.0)];
+        assert_eq!(batch_len(&p, &records), 1);
+        let m = message(&p, &records[..1]);
         assert_eq!(m.topic, "fieldgate/gw/meter-a/attributes");
         assert_eq!(
             m.payload,
