@@ -37,6 +37,9 @@ pub struct Unit {
     pub slow: Vec<(Area, RangeInclusive<u16>, Duration)>,
     /// Ranges answered with an exception instead of data.
     pub exceptions: Vec<(Area, RangeInclusive<u16>, ExceptionCode)>,
+    /// Registers that count the reads covering them (1, 2, 3 …): each poll
+    /// sees the next value, so a lost or reordered report shows.
+    pub read_counters: Vec<(Area, u16)>,
 }
 
 /// Whether `range` overlaps `count` addresses from `start` in `area`.
@@ -93,8 +96,20 @@ impl Unit {
                 .sum::<Duration>()
     }
 
-    /// Executes one request: `None` when the slave stays silent.
+    /// Executes one request, then advances the read counters it covered.
     fn execute(&mut self, request: &Request) -> Result<Response, ExceptionCode> {
+        let (area, start, count) = request.span();
+        for (counter_area, address) in self.read_counters.clone() {
+            if counter_area == area && overlaps(&(address..=address), start, count) {
+                let map = self.registers(area);
+                let next = map.get(&address).copied().unwrap_or(0).wrapping_add(1);
+                map.insert(address, next);
+            }
+        }
+        self.answer(request)
+    }
+
+    fn answer(&mut self, request: &Request) -> Result<Response, ExceptionCode> {
         let read_regs =
             |u: &mut Unit, area: Area, a: u16, n: u16| -> Result<Vec<u16>, ExceptionCode> {
                 if let Some(code) = u.exception_for(area, a, n) {

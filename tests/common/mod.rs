@@ -135,18 +135,52 @@ impl Gateway {
     pub fn start(config: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let config = config.replace("{data_dir}", &dir.path().join("data").display().to_string());
-        let path = dir.path().join("fieldgate.toml");
-        std::fs::write(&path, config).expect("write config");
+        std::fs::write(dir.path().join("fieldgate.toml"), config).expect("write config");
         let log = dir.path().join("fieldgate.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_fieldgate"))
-            .args(["--config", path.to_str().unwrap(), "run"])
+        let child = Self::spawn(dir.path(), &log);
+        Self { child, dir, log }
+    }
+
+    fn spawn(dir: &Path, log: &Path) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log file");
+        Command::new(env!("CARGO_BIN_EXE_fieldgate"))
+            .args([
+                "--config",
+                dir.join("fieldgate.toml").to_str().unwrap(),
+                "run",
+            ])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
+            .stderr(log)
             .spawn()
-            .expect("fieldgate starts");
-        Self { child, dir, log }
+            .expect("fieldgate starts")
+    }
+
+    /// `kill -9`, as a crash or power cut would.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the same config and data directory again.
+    pub fn restart(&mut self) {
+        self.child = Self::spawn(self.dir.path(), &self.log);
+    }
+
+    /// Runs another subcommand on the same config; returns its stdout.
+    pub fn command(&self, args: &[&str]) -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_fieldgate"))
+            .arg("--config")
+            .arg(self.config_path())
+            .args(args)
+            .output()
+            .expect("fieldgate runs");
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
     }
 
     pub fn log(&self) -> String {
@@ -248,4 +282,87 @@ impl Rig {
             })
             .await
     }
+}
+
+/// A TCP relay in front of the broker that can go down and come back on the
+/// same port: an outage as the gateway sees it, while the broker and the
+/// test's subscriber stay up.
+pub struct Relay {
+    pub port: u16,
+    target: u16,
+    tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Relay {
+    pub async fn start(target: u16) -> Self {
+        let port = fieldgate::broker::free_port().expect("free port");
+        let relay = Self {
+            port,
+            target,
+            tasks: Arc::default(),
+        };
+        relay.up().await;
+        relay
+    }
+
+    /// Accepts and relays connections again.
+    pub async fn up(&self) {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .expect("relay binds");
+        let (target, tasks) = (self.target, self.tasks.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let relay = tokio::spawn(async move {
+                    if let Ok(mut outbound) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                tasks.lock().unwrap().push(relay);
+            }
+        });
+        self.tasks.lock().unwrap().push(accept);
+    }
+
+    /// Cuts every connection and refuses new ones.
+    pub fn down(&self) {
+        for task in self.tasks.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+}
+
+/// The counter values in `topic` payloads under `field` (sub-device key
+/// `key`, or the gateway's own attributes), in arrival order.
+pub fn counter_values(seen: &[Seen], topic: &str, key: Option<&str>, field: &str) -> Vec<u64> {
+    seen.iter()
+        .filter(|s| s.topic == topic)
+        .filter_map(|s| match key {
+            Some(k) => s.payload.get(k)?.get(field)?.as_u64(),
+            None => s.payload.get(field)?.as_u64(),
+        })
+        .collect()
+}
+
+/// Checks at-least-once, in-order delivery: every value from `first` to
+/// `last` arrived, and the first arrivals are in increasing order
+/// (redelivered duplicates are allowed).
+pub fn assert_complete_in_order(values: &[u64], first: u64, last: u64) {
+    let mut firsts = Vec::new();
+    for v in values {
+        if !firsts.contains(v) {
+            firsts.push(*v);
+        }
+    }
+    let missing: Vec<u64> = (first..=last).filter(|v| !firsts.contains(v)).collect();
+    assert!(
+        missing.is_empty(),
+        "missing {missing:?} of {first}..={last}; got {values:?}"
+    );
+    assert!(
+        firsts.windows(2).all(|w| w[0] < w[1]),
+        "out of order: {firsts:?}"
+    );
 }
