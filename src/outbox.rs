@@ -104,6 +104,8 @@ pub struct Outbox {
     meta: sled::Tree,
     max_bytes: u64,
     bytes: AtomicU64,
+    /// Records held (sled's own `len` walks the whole tree).
+    count: AtomicU64,
     next_seq: AtomicU64,
     dropped: AtomicU64,
     appended: Notify,
@@ -149,10 +151,11 @@ impl Outbox {
             .map_err(open_error)?;
         let messages = db.open_tree("messages").map_err(open_error)?;
         let meta = db.open_tree("meta").map_err(open_error)?;
-        let mut bytes = 0;
+        let (mut bytes, mut count) = (0, 0);
         for entry in messages.iter() {
             let (_, value) = entry.map_err(open_error)?;
             bytes += value.len() as u64;
+            count += 1;
         }
         let next_seq = match messages.last().map_err(open_error)? {
             Some((key, _)) => seq_of(&key) + 1,
@@ -169,6 +172,7 @@ impl Outbox {
             meta,
             max_bytes,
             bytes: AtomicU64::new(bytes),
+            count: AtomicU64::new(count),
             next_seq: AtomicU64::new(next_seq),
             dropped: AtomicU64::new(dropped),
             appended: Notify::new(),
@@ -200,6 +204,7 @@ impl Outbox {
         match self.messages.insert(seq.to_be_bytes(), value.as_slice()) {
             Ok(_) => {
                 self.bytes.fetch_add(value.len() as u64, Ordering::SeqCst);
+                self.count.fetch_add(1, Ordering::SeqCst);
                 if let Some(reason) = lock(&self.failing).take() {
                     log::info!(target: "outbox", "appending works again (after: {reason})");
                 }
@@ -224,6 +229,7 @@ impl Outbox {
             match self.messages.pop_min() {
                 Ok(Some((_, value))) => {
                     self.bytes.fetch_sub(value.len() as u64, Ordering::SeqCst);
+                    self.count.fetch_sub(1, Ordering::SeqCst);
                     dropped += 1;
                 }
                 _ => break,
@@ -293,6 +299,7 @@ impl Outbox {
                     })?;
             if let Some(value) = removed {
                 self.bytes.fetch_sub(value.len() as u64, Ordering::SeqCst);
+                self.count.fetch_sub(1, Ordering::SeqCst);
             }
         }
         Ok(())
@@ -306,7 +313,7 @@ impl Outbox {
 
     pub fn stats(&self) -> Stats {
         Stats {
-            messages: self.messages.len() as u64,
+            messages: self.count.load(Ordering::SeqCst),
             bytes: self.bytes.load(Ordering::SeqCst),
             max_bytes: self.max_bytes,
             oldest_ms: self.oldest().map(|r| r.taken_ms),

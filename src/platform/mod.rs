@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tokio::time::{sleep, sleep_until, Instant};
 
 use crate::config::{Platform, Profile};
-use crate::outbox::Outbox;
+use crate::outbox::{Outbox, Record};
 use profile::Message;
 
 const RECONNECT_MIN: Duration = Duration::from_secs(1);
@@ -139,23 +139,42 @@ impl Window {
 
 /// At most this many publications wait for PUBACK at once.
 const WINDOW: usize = 32;
-/// Records read ahead from the outbox to form one (combined) message.
+/// Records read from the outbox at a time.
 const READ_AHEAD: usize = 512;
 
-/// The next message from the outbox after `cursor`: its payload, the
-/// records it carries and the last of their sequence numbers.
-fn next_message(
-    outbox: &Outbox,
-    profile: &Profile,
-    cursor: Option<u64>,
-) -> Option<(Message, Vec<u64>)> {
-    let records = outbox.after(cursor, READ_AHEAD);
-    if records.is_empty() {
-        return None;
+/// The outbox in send order, read in chunks so that a message costs one
+/// decode, not a scan.
+#[derive(Default)]
+struct Queue {
+    ahead: VecDeque<(u64, Record)>,
+    /// The last sequence number read from the outbox.
+    read_to: Option<u64>,
+}
+
+impl Queue {
+    /// Starts again from the oldest record (after a reconnect).
+    fn rewind(&mut self) {
+        self.ahead.clear();
+        self.read_to = None;
     }
-    let (seqs, records): (Vec<u64>, Vec<_>) = records.into_iter().unzip();
-    let n = profile::batch_len(profile, &records);
-    Some((profile::message(profile, &records[..n]), seqs[..n].to_vec()))
+
+    /// The next message and the records it carries.
+    fn next(&mut self, outbox: &Outbox, profile: &Profile) -> Option<(Message, Vec<u64>)> {
+        if self.ahead.len() < READ_AHEAD / 2 {
+            let more = outbox.after(self.read_to, READ_AHEAD);
+            if let Some((seq, _)) = more.last() {
+                self.read_to = Some(*seq);
+            }
+            self.ahead.extend(more);
+        }
+        if self.ahead.is_empty() {
+            return None;
+        }
+        let n = profile::batch_len(profile, self.ahead.iter().map(|(_, r)| r));
+        let taken: Vec<(u64, Record)> = self.ahead.drain(..n).collect();
+        let (seqs, records): (Vec<u64>, Vec<Record>) = taken.into_iter().unzip();
+        Some((profile::message(profile, &records), seqs))
+    }
 }
 
 /// Publishes the outbox in order until `shutdown`: QoS 1, at most
@@ -176,7 +195,7 @@ pub async fn run(
         .map(|rate| Duration::from_secs_f64(1.0 / rate));
     let mut window = Window::default();
     let mut connected = false;
-    let mut cursor: Option<u64> = None;
+    let mut queue = Queue::default();
     let mut next: Option<(Message, Vec<u64>)> = None;
     let mut next_slot = Instant::now();
     let mut backoff = RECONNECT_MIN;
@@ -184,7 +203,7 @@ pub async fn run(
     'run: loop {
         let open = connected && window.len() < WINDOW;
         if open && next.is_none() {
-            next = next_message(&outbox, &platform.profile, cursor);
+            next = queue.next(&outbox, &platform.profile);
         }
         tokio::select! {
             biased;
@@ -213,7 +232,7 @@ pub async fn run(
                     eventloop.pending.clear();
                     window.clear();
                     connected = false;
-                    cursor = None;
+                    queue.rewind();
                     next = None;
                     let text = describe(&e);
                     if last_error.as_deref() != Some(text.as_str()) {
@@ -229,7 +248,6 @@ pub async fn run(
             },
             () = sleep_until(next_slot), if open && next.is_some() => {
                 if let Some((message, seqs)) = next.take() {
-                    cursor = seqs.last().copied().or(cursor);
                     window.unassigned.push_back(seqs);
                     if client
                         .try_publish(message.topic, QoS::AtLeastOnce, message.retain, message.payload)
@@ -238,7 +256,7 @@ pub async fn run(
                         // Cannot happen while the window is smaller than the
                         // request channel; resend from the oldest if it does.
                         window.clear();
-                        cursor = None;
+                        queue.rewind();
                     }
                     if let Some(spacing) = spacing {
                         next_slot = Instant::now().max(next_slot) + spacing;

@@ -29,13 +29,13 @@ fn combinable<'a>(profile: &Profile, record: &'a Record) -> Option<&'a str> {
 /// How many of `records` (oldest first, at least one) go into the next
 /// message: consecutive sub-device reports of distinct keys, up to
 /// [`COMBINED_MAX_BYTES`]. Two samples of one device are never merged.
-pub fn batch_len(profile: &Profile, records: &[Record]) -> usize {
+pub fn batch_len<'a>(profile: &Profile, records: impl IntoIterator<Item = &'a Record>) -> usize {
     let mut keys = std::collections::HashSet::new();
     let mut bytes = 2;
     let mut n = 0;
     for record in records {
         let Some(key) = combinable(profile, record) else {
-            break;
+            return n.max(1);
         };
         let Body::Attributes { values, .. } = &record.body;
         let size = key.len() + 4 + serde_json::to_vec(values).map_or(0, |v| v.len());
@@ -45,7 +45,7 @@ pub fn batch_len(profile: &Profile, records: &[Record]) -> usize {
         bytes += size;
         n += 1;
     }
-    n.max(1).min(records.len())
+    n
 }
 
 /// The message for `records`, which [`batch_len`] chose to go together.

@@ -1,0 +1,185 @@
+//! Outbox benchmark against a local mosquitto (Debian package): append +
+//! publish + PUBACK + delete throughput with the rate cap off, replay time of
+//! a day's backlog (86,400 records), bytes written to disk per record, and
+//! the RSS of `fieldgate run` holding a 64 MiB backlog.
+//! Run: `cargo bench --bench outbox` (results in BENCHMARKS.md).
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fieldgate::config;
+use fieldgate::outbox::{Body, Outbox, Record};
+use fieldgate::platform;
+use tokio::sync::watch;
+
+fn record(i: u64) -> Record {
+    let mut values = serde_json::Map::new();
+    values.insert("counter".into(), i.into());
+    values.insert("voltage".into(), serde_json::json!(229.6));
+    values.insert("current".into(), serde_json::json!(12.25));
+    values.insert("relay1".into(), true.into());
+    Record {
+        taken_ms: 1_700_000_000_000 + i * 1000,
+        body: Body::Attributes {
+            device: "meter-a".into(),
+            key: None,
+            values,
+        },
+    }
+}
+
+fn free_port() -> u16 {
+    fieldgate::broker::free_port().expect("port")
+}
+
+fn mosquitto(dir: &Path) -> (Child, u16) {
+    let port = free_port();
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 0\nmax_queued_messages 0\n")).unwrap();
+    let child = Command::new("mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mosquitto (apt-get install mosquitto)");
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (child, port)
+}
+
+fn platform_config(port: u16, data_dir: &Path) -> config::Config {
+    let text = format!(
+        "[gateway]\nid = \"bench\"\ndata_dir = \"{}\"\n[platform]\nprofile = \"generic\"\nhost = \"127.0.0.1\"\nport = {port}\nmax_publish_rate = 0\n[buffer]\nmax_bytes = \"256MiB\"\n",
+        data_dir.display()
+    );
+    config::parse(Path::new("bench.toml"), &text).expect("config")
+}
+
+/// Bytes this process has caused to be written to storage so far.
+fn write_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/io")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("write_bytes: ")
+                    .and_then(|n| n.trim().parse().ok())
+            })
+        })
+        .unwrap_or(0)
+}
+
+/// Publishes until the outbox is empty; returns the time it took.
+async fn drain(outbox: Arc<Outbox>, config: &config::Config, producer: Option<u64>) -> Duration {
+    let (stop_tx, stop) = watch::channel(false);
+    let platform = config.platform.clone().unwrap();
+    let publisher = {
+        let outbox = outbox.clone();
+        tokio::spawn(async move { platform::run("bench", &platform, outbox, stop).await })
+    };
+    let start = Instant::now();
+    if let Some(n) = producer {
+        for i in 0..n {
+            outbox.push(&record(i));
+            if i % 256 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+    while outbox.stats().messages > 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let took = start.elapsed();
+    stop_tx.send_replace(true);
+    let _ = publisher.await;
+    took
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("VmRSS:")
+                    .map(|v| v.trim().trim_end_matches(" kB").parse().unwrap_or(0))
+            })
+        })
+        .unwrap_or(0)
+}
+
+fn main() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let (mut broker, port) = mosquitto(work.path());
+
+    // 1. Append + publish + PUBACK + delete, concurrently, rate cap off.
+    let n = 100_000;
+    for run in 0..3 {
+        let dir = work.path().join(format!("through-{run}"));
+        let config = platform_config(port, &dir);
+        let outbox = Arc::new(Outbox::open(&dir, config.buffer.max_bytes).unwrap());
+        let took = runtime.block_on(drain(outbox, &config, Some(n)));
+        println!("throughput run {run}: {n} records appended, published, acknowledged and deleted in {:.2} s = {:.0} msg/s", took.as_secs_f64(), n as f64 / took.as_secs_f64());
+    }
+
+    // 2. Replay a day's backlog (one record per second for 24 h).
+    let dir = work.path().join("replay");
+    let config = platform_config(port, &dir);
+    let outbox = Arc::new(Outbox::open(&dir, config.buffer.max_bytes).unwrap());
+    let before = write_bytes();
+    let start = Instant::now();
+    for i in 0..86_400 {
+        outbox.push(&record(i));
+    }
+    outbox.flush().unwrap();
+    let appended = start.elapsed();
+    let written = write_bytes() - before;
+    let held = outbox.stats();
+    println!("append: 86400 records ({} bytes of records) in {:.2} s; {} bytes written to disk = {:.0} bytes per record ({:.2}x the record size)", held.bytes, appended.as_secs_f64(), written, written as f64 / 86_400.0, written as f64 / held.bytes as f64);
+    let before = write_bytes();
+    let took = runtime.block_on(drain(outbox.clone(), &config, None));
+    let written_replay = write_bytes() - before;
+    println!("replay: 86400-record backlog delivered and deleted in {:.2} s = {:.0} msg/s; {} bytes written while deleting = {:.0} per record", took.as_secs_f64(), 86_400.0 / took.as_secs_f64(), written_replay, written_replay as f64 / 86_400.0);
+    drop(outbox);
+
+    // 3. RSS of the daemon holding a 64 MiB backlog (broker unreachable).
+    let dir = work.path().join("backlog");
+    let outbox = Outbox::open(&dir, 64 << 20).unwrap();
+    let mut i = 0;
+    while outbox.stats().bytes < (64 << 20) - 4096 {
+        outbox.push(&record(i));
+        i += 1;
+    }
+    outbox.flush().unwrap();
+    let held = outbox.stats();
+    drop(outbox);
+    let dead_port = free_port();
+    let config_path = work.path().join("daemon.toml");
+    std::fs::write(&config_path, format!("[gateway]\nid = \"bench\"\ndata_dir = \"{}\"\n[platform]\nprofile = \"generic\"\nhost = \"127.0.0.1\"\nport = {dead_port}\n[buffer]\nmax_bytes = \"64MiB\"\n", dir.display())).unwrap();
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_fieldgate"))
+        .args(["--config", config_path.to_str().unwrap(), "run"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    std::thread::sleep(Duration::from_secs(15));
+    let rss = rss_kib(daemon.id());
+    println!(
+        "daemon holding {} records / {} bytes: RSS {} KiB after {:.0} s",
+        held.messages,
+        held.bytes,
+        rss,
+        start.elapsed().as_secs_f64()
+    );
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let _ = broker.kill();
+    let _ = broker.wait();
+}
