@@ -229,3 +229,30 @@ fn simulate_then_read_and_scan_through_the_binary() {
         "{report}"
     );
 }
+
+#[test]
+fn buffer_reads_the_outbox_when_no_daemon_holds_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = std::fs::read_to_string(repo("config/fieldgate.toml"))
+        .unwrap()
+        .replace(
+            "/var/lib/fieldgate",
+            &dir.path().join("data").display().to_string(),
+        );
+    let path = dir.path().join("f.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = fieldgate()
+        .args(["--config", path.to_str().unwrap(), "buffer"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("messages held:  0"), "{stdout}");
+    assert!(stdout.contains("of 67108864"), "{stdout}");
+    assert!(stdout.contains("dropped so far: 0"), "{stdout}");
+}
