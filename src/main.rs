@@ -58,9 +58,10 @@ enum Command {
     },
 }
 
-/// `RUST_LOG` wins; the default keeps the embedded broker quiet.
+/// `RUST_LOG` wins. The default keeps the embedded broker quiet, and sled's
+/// own I/O error lines (the outbox reports those once, in its own words).
 fn init_logging(level: &str) {
-    let default = format!("{level},rumqttd=off,tracing=off");
+    let default = format!("{level},rumqttd=off,tracing=off,sled=off");
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))
         .format_timestamp_millis()
         .init();

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -61,10 +61,10 @@ impl From<Reading> for Record {
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
-    #[error("cannot open the outbox at {path}: {source}. {hint}")]
+    #[error("cannot open the outbox at {path}: {error}. {hint}")]
     Open {
         path: PathBuf,
-        source: sled::Error,
+        error: sled::Error,
         hint: &'static str,
     },
     #[error("outbox at {path}: {source}")]
@@ -99,9 +99,8 @@ struct DropLog {
 /// publisher, which reads in order and removes what was acknowledged.
 pub struct Outbox {
     path: PathBuf,
-    db: sled::Db,
-    messages: sled::Tree,
-    meta: sled::Tree,
+    /// `None` while a failed store is being reopened.
+    store: RwLock<Option<Store>>,
     max_bytes: u64,
     bytes: AtomicU64,
     /// Records held (sled's own `len` walks the whole tree).
@@ -110,9 +109,29 @@ pub struct Outbox {
     dropped: AtomicU64,
     appended: Notify,
     drop_log: Mutex<DropLog>,
-    /// Set while appends fail (disk full …), to log once per episode.
-    failing: Mutex<Option<String>>,
+    /// While appends fail (disk full …): why, and when the store was last
+    /// reopened to try again. Logged once per episode.
+    failing: Mutex<Option<(String, Instant)>>,
 }
+
+/// The open sled database and its two trees.
+struct Store {
+    db: sled::Db,
+    messages: sled::Tree,
+    meta: sled::Tree,
+}
+
+/// What a store holds, counted when it is opened.
+struct Contents {
+    bytes: u64,
+    count: u64,
+    next_seq: u64,
+    dropped: u64,
+}
+
+/// sled stays failed after an I/O error; the store is reopened this often
+/// while appends fail, so the outbox recovers once space returns.
+const REOPEN_EVERY: Duration = Duration::from_secs(5);
 
 const DROPPED_KEY: &[u8] = b"dropped";
 
@@ -121,68 +140,46 @@ impl Outbox {
     /// be opened is an error naming the path; it is never wiped.
     pub fn open(data_dir: &Path, max_bytes: u64) -> Result<Self, OutboxError> {
         let path = data_dir.join("outbox");
-        let open_error = |source: sled::Error| {
-            let hint = match &source {
-                sled::Error::Io(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                    "Check that the service user owns the directory (systemd: StateDirectory=fieldgate)."
-                }
-                sled::Error::Io(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    "Another fieldgate process has it open; stop it first."
-                }
-                sled::Error::Io(_) => "Check that the disk is mounted, writable and not full.",
-                sled::Error::Corruption { .. } => {
-                    "The store is damaged. Move the directory aside (it is kept for inspection) and restart to begin a new one."
-                }
-                _ => "Move the directory aside and restart to begin a new one.",
-            };
-            OutboxError::Open {
-                path: path.clone(),
-                source,
-                hint,
-            }
-        };
-        std::fs::create_dir_all(&path).map_err(|e| open_error(e.into()))?;
-        let db = sled::Config::new()
-            .path(&path)
-            .cache_capacity(CACHE_BYTES)
-            .mode(sled::Mode::LowSpace)
-            .flush_every_ms(Some(FLUSH_EVERY.as_millis() as u64))
-            .open()
-            .map_err(open_error)?;
-        let messages = db.open_tree("messages").map_err(open_error)?;
-        let meta = db.open_tree("meta").map_err(open_error)?;
-        let (mut bytes, mut count) = (0, 0);
-        for entry in messages.iter() {
-            let (_, value) = entry.map_err(open_error)?;
-            bytes += value.len() as u64;
-            count += 1;
-        }
-        let next_seq = match messages.last().map_err(open_error)? {
-            Some((key, _)) => seq_of(&key) + 1,
-            None => 0,
-        };
-        let dropped = meta
-            .get(DROPPED_KEY)
-            .map_err(open_error)?
-            .map_or(0, |v| seq_of(&v));
-        let outbox = Self {
+        let (store, contents) = open_store(&path)?;
+        Ok(Self {
             path,
-            db,
-            messages,
-            meta,
+            store: RwLock::new(Some(store)),
             max_bytes,
-            bytes: AtomicU64::new(bytes),
-            count: AtomicU64::new(count),
-            next_seq: AtomicU64::new(next_seq),
-            dropped: AtomicU64::new(dropped),
+            bytes: AtomicU64::new(contents.bytes),
+            count: AtomicU64::new(contents.count),
+            next_seq: AtomicU64::new(contents.next_seq),
+            dropped: AtomicU64::new(contents.dropped),
             appended: Notify::new(),
             drop_log: Mutex::new(DropLog {
                 since_last: 0,
                 last: None,
             }),
             failing: Mutex::new(None),
-        };
-        Ok(outbox)
+        })
+    }
+
+    /// Runs `f` on the open store; `None` while it is closed for a reopen.
+    fn with<T>(&self, f: impl FnOnce(&Store) -> T) -> Option<T> {
+        let guard = self.store.read().unwrap_or_else(|e| e.into_inner());
+        guard.as_ref().map(f)
+    }
+
+    /// Closes the failed store and opens it again, recounting what it holds.
+    fn reopen(&self) {
+        let mut guard = self.store.write().unwrap_or_else(|e| e.into_inner());
+        // sled's file lock must be released before the path is opened again.
+        drop(guard.take());
+        match open_store(&self.path) {
+            Ok((store, contents)) => {
+                *guard = Some(store);
+                self.bytes.store(contents.bytes, Ordering::SeqCst);
+                self.count.store(contents.count, Ordering::SeqCst);
+                self.next_seq.fetch_max(contents.next_seq, Ordering::SeqCst);
+                self.dropped.fetch_max(contents.dropped, Ordering::SeqCst);
+                log::info!(target: "outbox", "reopened {} ({} messages held)", self.path.display(), contents.count);
+            }
+            Err(e) => log::debug!(target: "outbox", "{e}"),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -200,12 +197,24 @@ impl Outbox {
                 return;
             }
         };
+        let retry = lock(&self.failing)
+            .as_ref()
+            .is_some_and(|(_, at)| at.elapsed() >= REOPEN_EVERY);
+        if retry {
+            if let Some((_, at)) = lock(&self.failing).as_mut() {
+                *at = Instant::now();
+            }
+            self.reopen();
+        }
         let seq = self.next_seq.fetch_add(1, Ordering::SeqCst);
-        match self.messages.insert(seq.to_be_bytes(), value.as_slice()) {
+        let inserted = self
+            .with(|store| store.messages.insert(seq.to_be_bytes(), value.as_slice()))
+            .unwrap_or_else(|| Err(sled::Error::ReportableBug("store closed".into())));
+        match inserted {
             Ok(_) => {
                 self.bytes.fetch_add(value.len() as u64, Ordering::SeqCst);
                 self.count.fetch_add(1, Ordering::SeqCst);
-                if let Some(reason) = lock(&self.failing).take() {
+                if let Some((reason, _)) = lock(&self.failing).take() {
                     log::info!(target: "outbox", "appending works again (after: {reason})");
                 }
                 self.enforce_bound();
@@ -216,7 +225,7 @@ impl Outbox {
                 let mut failing = lock(&self.failing);
                 if failing.is_none() {
                     log::error!(target: "outbox", "cannot append to {}: {e}; readings are dropped and counted until it works again", self.path.display());
-                    *failing = Some(e.to_string());
+                    *failing = Some((e.to_string(), Instant::now()));
                 }
             }
         }
@@ -226,8 +235,11 @@ impl Outbox {
     fn enforce_bound(&self) {
         let mut dropped = 0;
         while self.bytes.load(Ordering::SeqCst) > self.max_bytes {
-            match self.messages.pop_min() {
-                Ok(Some((_, value))) => {
+            match self
+                .with(|store| store.messages.pop_min())
+                .and_then(Result::ok)
+            {
+                Some(Some((_, value))) => {
                     self.bytes.fetch_sub(value.len() as u64, Ordering::SeqCst);
                     self.count.fetch_sub(1, Ordering::SeqCst);
                     dropped += 1;
@@ -257,46 +269,50 @@ impl Outbox {
 
     fn count_dropped(&self, n: u64) {
         let total = self.dropped.fetch_add(n, Ordering::SeqCst) + n;
-        let _ = self.meta.insert(DROPPED_KEY, &total.to_be_bytes());
+        self.with(|store| store.meta.insert(DROPPED_KEY, &total.to_be_bytes()));
     }
 
     fn oldest(&self) -> Option<Record> {
-        let (_, value) = self.messages.first().ok()??;
+        let (_, value) = self.with(|store| store.messages.first())?.ok()??;
         serde_json::from_slice(&value).ok()
     }
 
     /// Records with sequence numbers above `after` (all if `None`), oldest
     /// first, at most `limit`. Undecodable entries are skipped and logged.
     pub fn after(&self, after: Option<u64>, limit: usize) -> Vec<(u64, Record)> {
-        let iter = match after {
-            Some(seq) => self.messages.range((seq + 1).to_be_bytes()..),
-            None => self.messages.iter(),
-        };
-        iter.filter_map(|entry| {
-            let (key, value) = entry.ok()?;
-            match serde_json::from_slice(&value) {
+        let raw: Vec<(sled::IVec, sled::IVec)> = self
+            .with(|store| {
+                let iter = match after {
+                    Some(seq) => store.messages.range((seq + 1).to_be_bytes()..),
+                    None => store.messages.iter(),
+                };
+                iter.filter_map(Result::ok).take(limit).collect()
+            })
+            .unwrap_or_default();
+        raw.into_iter()
+            .filter_map(|(key, value)| match serde_json::from_slice(&value) {
                 Ok(record) => Some((seq_of(&key), record)),
                 Err(e) => {
                     log::error!(target: "outbox", "skipping unreadable record {}: {e}", seq_of(&key));
                     let _ = self.remove(&[seq_of(&key)]);
                     None
                 }
-            }
-        })
-        .take(limit)
-        .collect()
+            })
+            .collect()
     }
 
     /// Removes acknowledged records.
     pub fn remove(&self, seqs: &[u64]) -> Result<(), OutboxError> {
+        let storage = |source| OutboxError::Storage {
+            path: self.path.clone(),
+            source,
+        };
         for seq in seqs {
-            let removed =
-                self.messages
-                    .remove(seq.to_be_bytes())
-                    .map_err(|source| OutboxError::Storage {
-                        path: self.path.clone(),
-                        source,
-                    })?;
+            let removed = self
+                .with(|store| store.messages.remove(seq.to_be_bytes()))
+                .transpose()
+                .map_err(storage)?
+                .flatten();
             if let Some(value) = removed {
                 self.bytes.fetch_sub(value.len() as u64, Ordering::SeqCst);
                 self.count.fetch_sub(1, Ordering::SeqCst);
@@ -324,10 +340,12 @@ impl Outbox {
 
     /// Flushes to disk (at shutdown) and writes the status file.
     pub fn flush(&self) -> Result<(), OutboxError> {
-        self.db.flush().map_err(|source| OutboxError::Storage {
-            path: self.path.clone(),
-            source,
-        })?;
+        if let Some(result) = self.with(|store| store.db.flush()) {
+            result.map_err(|source| OutboxError::Storage {
+                path: self.path.clone(),
+                source,
+            })?;
+        }
         self.write_status();
         Ok(())
     }
@@ -359,6 +377,61 @@ impl Outbox {
 pub fn read_status(data_dir: &Path) -> Option<Stats> {
     let text = std::fs::read(data_dir.join(STATUS_FILE)).ok()?;
     serde_json::from_slice(&text).ok()
+}
+
+/// Opens the sled store at `path` and counts what it holds.
+fn open_store(path: &Path) -> Result<(Store, Contents), OutboxError> {
+    let open_error = |source: sled::Error| {
+        let hint = match &source {
+            sled::Error::Io(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                "Check that the service user owns the directory (systemd: StateDirectory=fieldgate)."
+            }
+            sled::Error::Io(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                "Another fieldgate process has it open; stop it first."
+            }
+            sled::Error::Io(_) => "Check that the disk is mounted, writable and not full.",
+            sled::Error::Corruption { .. } => {
+                "The store is damaged. Move the directory aside (it is kept for inspection) and restart to begin a new one."
+            }
+            _ => "Move the directory aside and restart to begin a new one.",
+        };
+        OutboxError::Open {
+            path: path.to_path_buf(),
+            error: source,
+            hint,
+        }
+    };
+    std::fs::create_dir_all(path).map_err(|e| open_error(e.into()))?;
+    let db = sled::Config::new()
+        .path(path)
+        .cache_capacity(CACHE_BYTES)
+        .mode(sled::Mode::LowSpace)
+        .flush_every_ms(Some(FLUSH_EVERY.as_millis() as u64))
+        .open()
+        .map_err(open_error)?;
+    let messages = db.open_tree("messages").map_err(open_error)?;
+    let meta = db.open_tree("meta").map_err(open_error)?;
+    let (mut bytes, mut count) = (0, 0);
+    for entry in messages.iter() {
+        let (_, value) = entry.map_err(open_error)?;
+        bytes += value.len() as u64;
+        count += 1;
+    }
+    let next_seq = match messages.last().map_err(open_error)? {
+        Some((key, _)) => seq_of(&key) + 1,
+        None => 0,
+    };
+    let dropped = meta
+        .get(DROPPED_KEY)
+        .map_err(open_error)?
+        .map_or(0, |v| seq_of(&v));
+    let contents = Contents {
+        bytes,
+        count,
+        next_seq,
+        dropped,
+    };
+    Ok((Store { db, messages, meta }, contents))
 }
 
 fn seq_of(bytes: &[u8]) -> u64 {

@@ -38,7 +38,7 @@ pub fn run(config: &Config) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Err(OutboxError::Open { source, .. }) if is_locked(&source) => {
+        Err(OutboxError::Open { error, .. }) if is_locked(&error) => {
             let Some(stats) = outbox::read_status(dir) else {
                 anyhow::bail!(
                     "the outbox in {} is open in another process (the daemon?) and it has written no status file yet; try again in a few seconds",
