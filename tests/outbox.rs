@@ -269,3 +269,127 @@ async fn three_sub_devices_at_one_message_per_second_stay_live_combined() {
         seen.len()
     );
 }
+
+/// A tmpfs mounted for one test, unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &std::path::Path, size: &str) -> Option<Self> {
+        std::fs::create_dir_all(path).ok()?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Self(path.to_path_buf()))
+    }
+
+    fn resize(&self, size: &str) {
+        let status = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_drops_and_counts_then_recovers_by_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let Some(disk) = Tmpfs::mount(&data, "1M") else {
+        eprintln!("SKIPPED a_full_disk_drops_and_counts_then_recovers_by_itself: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    // 40 registers polled every 50 ms fill 1 MiB within seconds; p0 counts.
+    let specs: Vec<(String, String)> = (0..40)
+        .map(|i| {
+            (
+                format!("p{i}"),
+                format!("area = \"holding\"\naddress = {i}\ntype = \"u16\""),
+            )
+        })
+        .collect();
+    let points: Vec<(&str, &str)> = specs
+        .iter()
+        .map(|(n, s)| (n.as_str(), s.as_str()))
+        .collect();
+    let devices = device("counter", 1, "50ms", "", &points);
+    let slaves = Slaves::new();
+    slaves.unit(1, |u| u.read_counters.push((Area::Holding, 0)));
+    let pty = slaves.serve().unwrap();
+    let broker_port = broker();
+    let relay = Relay::start(broker_port).await;
+    relay.down(); // the outbox only grows
+    let platform = Subscriber::connect(broker_port).await;
+    let config = header(relay.port, &pty.path, "")
+        .replace("{data_dir}", &data.display().to_string())
+        + &devices;
+    let mut gw = Gateway::start(&config);
+
+    let start = Instant::now();
+    while gw.log_lines("cannot append").is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the disk never filled:\n{}",
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(gw.running(), "a full disk must not stop the daemon");
+    assert_eq!(
+        gw.log_lines("cannot append").len(),
+        1,
+        "logged once:\n{}",
+        gw.log()
+    );
+
+    disk.resize("64M");
+    let start = Instant::now();
+    while gw.log_lines("appending works again").is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no recovery:\n{}",
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let recovered = served(&slaves, 1);
+    relay.up().await;
+    let values = platform
+        .wait_until(
+            Duration::from_secs(60),
+            "readings after the recovery",
+            |seen| {
+                counter_values(seen, "attributes", None, "p0")
+                    .iter()
+                    .any(|v| *v > recovered + 5)
+            },
+        )
+        .await;
+    assert!(!values.is_empty());
+    let status = gw.command(&["buffer"]);
+    let dropped: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("dropped so far: "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        dropped > 0,
+        "the readings lost to the full disk are counted: {status}"
+    );
+    drop(gw);
+    drop(disk);
+}

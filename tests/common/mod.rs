@@ -161,6 +161,11 @@ impl Gateway {
             .expect("fieldgate starts")
     }
 
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// `kill -9`, as a crash or power cut would.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
