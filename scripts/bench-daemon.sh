@@ -12,6 +12,7 @@ trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\n' "$port" > "$work/mosquitto.conf"
 mosquitto -c "$work/mosquitto.conf" >/dev/null 2>&1 &
+for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
 
 sed -e "s/^baud = .*/baud = $baud/" -e "s/^poll = .*/poll = \"$poll\"/" config/bench-4x50.toml > "$work/sim.toml"
 "$bin" --config "$work/sim.toml" simulate --wire-time > "$work/sim.out" &
