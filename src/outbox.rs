@@ -197,13 +197,14 @@ impl Outbox {
                 return;
             }
         };
-        let retry = lock(&self.failing)
-            .as_ref()
-            .is_some_and(|(_, at)| at.elapsed() >= REOPEN_EVERY);
-        if retry {
-            if let Some((_, at)) = lock(&self.failing).as_mut() {
+        let retry = match lock(&self.failing).as_mut() {
+            Some((_, at)) if at.elapsed() >= REOPEN_EVERY => {
                 *at = Instant::now();
+                true
             }
+            _ => false,
+        };
+        if retry {
             self.reopen();
         }
         let seq = self.next_seq.fetch_add(1, Ordering::SeqCst);

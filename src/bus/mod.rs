@@ -15,8 +15,7 @@ use tokio_modbus::{ExceptionCode, Slave};
 
 use crate::config::{self, Address, Area, UnitId};
 
-pub use port::open as open_port;
-pub use tokio_serial::SerialStream;
+use tokio_serial::SerialStream;
 
 /// One Modbus request, as the poller and the downlink express it.
 #[derive(Debug, Clone, PartialEq)]
@@ -200,13 +199,6 @@ impl Bus {
             reopen_delay: REOPEN_MIN,
             down: None,
         }
-    }
-
-    /// A bus on an already open stream (tests, the simulator's peer).
-    pub fn with_stream(config: config::Bus, stream: SerialStream) -> Self {
-        let mut bus = Self::new(config);
-        bus.ctx = Some(Self::attach(stream));
-        bus
     }
 
     pub fn config(&self) -> &config::Bus {

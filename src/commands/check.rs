@@ -7,17 +7,6 @@ use crate::commands::{count, human};
 use crate::config::{Bus, BusMode, Config, Parity};
 use crate::poll::plan::{self, TURNAROUND};
 
-/// Bus time needed per second of wall time, as a fraction (1.0 = full).
-pub fn bus_load(config: &Config, bus: &Bus) -> f64 {
-    config
-        .devices_on(&bus.name)
-        .map(|d| {
-            let blocks = plan::plan(&d.points, bus);
-            plan::cycle_time(bus, &blocks).as_secs_f64() / d.poll.as_secs_f64()
-        })
-        .sum()
-}
-
 fn line_settings(bus: &Bus) -> String {
     let parity = match bus.parity {
         Parity::None => 'N',
@@ -58,10 +47,13 @@ pub fn report(config: &Config, source: &str) -> (String, usize) {
             }
         );
         let mut cycle_all = Duration::ZERO;
+        // Bus time needed per second of wall time (1.0 = the bus is full).
+        let mut load = 0.0;
         for device in config.devices_on(&bus.name) {
             let blocks = plan::plan(&device.points, bus);
             let cycle = plan::cycle_time(bus, &blocks);
             cycle_all += cycle;
+            load += cycle.as_secs_f64() / device.poll.as_secs_f64();
             out += &format!(
                 "  device {} (unit {}, every {}): {} in {}, {} per cycle = {:.1}% of its interval\n",
                 device.name,
@@ -103,7 +95,6 @@ pub fn report(config: &Config, source: &str) -> (String, usize) {
                 );
             }
         }
-        let load = bus_load(config, bus);
         if cycle_all > Duration::ZERO {
             out += &format!(
                 "  bus time: {} per round of all devices; {:.1}% of the bus in use (estimate: wire time + 2 x 3.5-char gaps + {} turnaround per request)\n",
