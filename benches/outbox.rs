@@ -128,33 +128,46 @@ fn main() {
         println!("throughput run {run}: {n} records appended, published, acknowledged and deleted in {:.2} s = {:.0} msg/s", took.as_secs_f64(), n as f64 / took.as_secs_f64());
     }
 
-    // 2. Replay a day's backlog (one record per second for 24 h).
-    let dir = work.path().join("replay");
-    let config = platform_config(port, &dir);
-    let outbox = Arc::new(Outbox::open(&dir, config.buffer.max_bytes).unwrap());
-    let before = write_bytes();
-    let start = Instant::now();
-    for i in 0..86_400 {
-        outbox.push(&record(i));
+    // 2. Write amplification and replay. The daemon seals and flushes the
+    // records of each 500 ms window as one segment, so the figures depend on
+    // how many records a window holds: 1 (one reading/s or less, the worst
+    // case) and 16 (a busy gateway). `flush` is that seal + flush.
+    for per_window in [1, 16] {
+        let dir = work.path().join(format!("replay-{per_window}"));
+        let config = platform_config(port, &dir);
+        let outbox = Arc::new(Outbox::open(&dir, config.buffer.max_bytes).unwrap());
+        let before = write_bytes();
+        let start = Instant::now();
+        for i in 0..86_400 {
+            outbox.push(&record(i));
+            if (i + 1) % per_window == 0 {
+                outbox.flush().unwrap();
+            }
+        }
+        outbox.flush().unwrap();
+        let appended = start.elapsed();
+        let written = write_bytes() - before;
+        let held = outbox.stats();
+        let record_bytes = serde_json::to_vec(&record(50_000)).unwrap().len();
+        println!("append, {per_window} record(s) per window: 86400 records of {record_bytes} bytes in {:.2} s; {} bytes written to disk = {:.0} bytes per record ({:.2}x the record)", appended.as_secs_f64(), written, written as f64 / 86_400.0, written as f64 / 86_400.0 / record_bytes as f64);
+        assert_eq!(held.messages, 86_400);
+        let before = write_bytes();
+        let took = runtime.block_on(drain(outbox.clone(), &config, None));
+        let written_replay = write_bytes() - before;
+        println!("replay, {per_window} record(s) per window: 86400-record backlog delivered and deleted in {:.2} s = {:.0} msg/s; {} bytes written while deleting = {:.0} per record", took.as_secs_f64(), 86_400.0 / took.as_secs_f64(), written_replay, written_replay as f64 / 86_400.0);
     }
-    outbox.flush().unwrap();
-    let appended = start.elapsed();
-    let written = write_bytes() - before;
-    let held = outbox.stats();
-    println!("append: 86400 records ({} bytes of records) in {:.2} s; {} bytes written to disk = {:.0} bytes per record ({:.2}x the record size)", held.bytes, appended.as_secs_f64(), written, written as f64 / 86_400.0, written as f64 / held.bytes as f64);
-    let before = write_bytes();
-    let took = runtime.block_on(drain(outbox.clone(), &config, None));
-    let written_replay = write_bytes() - before;
-    println!("replay: 86400-record backlog delivered and deleted in {:.2} s = {:.0} msg/s; {} bytes written while deleting = {:.0} per record", took.as_secs_f64(), 86_400.0 / took.as_secs_f64(), written_replay, written_replay as f64 / 86_400.0);
-    drop(outbox);
 
-    // 3. RSS of the daemon holding a 64 MiB backlog (broker unreachable).
+    // 3. RSS of the daemon holding a 64 MiB backlog (broker unreachable),
+    // built at 4 records per window (8 readings/s, a full day's worth).
     let dir = work.path().join("backlog");
     let outbox = Outbox::open(&dir, 64 << 20).unwrap();
     let mut i = 0;
     while outbox.stats().bytes < (64 << 20) - 4096 {
         outbox.push(&record(i));
         i += 1;
+        if i % 4 == 0 {
+            outbox.flush().unwrap();
+        }
     }
     outbox.flush().unwrap();
     let held = outbox.stats();

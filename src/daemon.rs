@@ -59,7 +59,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
     };
     let status = {
         let outbox = outbox.clone();
-        tokio::spawn(async move { outbox.keep_status().await })
+        tokio::spawn(async move { outbox.maintain().await })
     };
     let uplink = platform::run(&config.gateway.id, &platform, outbox.clone(), shutdown);
     uplink.await.context("platform connection")?;

@@ -1,12 +1,21 @@
 //! The durable outbox: every uplink record is appended to sled under
 //! `gateway.data_dir` before it is sent, and removed only when the broker has
 //! acknowledged it. Bounded by `buffer.max_bytes`: past it the oldest records
-//! are dropped, counted and logged. Tuned for an SD card: a small cache,
-//! appends and deletes only (no rewriting of queues), flushed every 500 ms.
+//! are dropped, counted and logged.
+//!
+//! Layout, tuned for an SD card and little RAM: records are grouped into
+//! segments, one sled value per segment, keyed by its first sequence number.
+//! New records wait in an open segment in memory, which is sealed with one
+//! insert every [`FLUSH_EVERY`] (or when it reaches [`SEGMENT_BYTES`]) and
+//! flushed at once. The totals (records, bytes, next sequence number, drops)
+//! are written in the same atomic batch as every segment change, so opening a
+//! store never walks it. A segment is deleted when all its records are
+//! acknowledged; after a crash a partly acknowledged segment is sent again
+//! whole (at least once).
 
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -14,9 +23,12 @@ use tokio::sync::Notify;
 
 use crate::poll::Reading;
 
-/// sled's background flush interval: a crash or power cut loses at most
-/// the records appended in this window.
+/// How often the open segment is sealed and sled flushed: a crash or power
+/// cut loses at most the records appended in this window.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(500);
+/// The open segment is sealed early when it reaches this size, which also
+/// bounds how much one drop of the oldest segment removes.
+pub const SEGMENT_BYTES: u64 = 64 * 1024;
 /// Page cache for sled; the outbox is written and read sequentially.
 const CACHE_BYTES: u64 = 2 * 1024 * 1024;
 /// How often the daemon rewrites the status file read by `fieldgate buffer`.
@@ -24,6 +36,18 @@ const STATUS_EVERY: Duration = Duration::from_secs(2);
 const STATUS_FILE: &str = "outbox-status.json";
 /// At most one "dropped" warning per this interval, with the count since.
 const DROP_LOG_EVERY: Duration = Duration::from_secs(10);
+/// sled stays failed after an I/O error; the store is reopened this often
+/// while sealing fails, so the outbox recovers once space returns.
+const REOPEN_EVERY: Duration = Duration::from_secs(5);
+
+/// The sled tree, and its keys: `S` + first sequence number (big-endian)
+/// for a segment, `M` for the totals.
+const TREE: &str = "outbox";
+const SEGMENT_PREFIX: u8 = b'S';
+const TOTALS_KEY: &[u8] = b"M";
+/// A record's frame in a segment: sequence number (u64) and JSON length
+/// (u32), big-endian, then the JSON.
+const FRAME_HEADER: u64 = 12;
 
 /// One uplink record, as produced.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -90,234 +114,419 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// What the sealed segments hold, stored under [`TOTALS_KEY`].
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Totals {
+    count: u64,
+    bytes: u64,
+    next_seq: u64,
+    dropped: u64,
+}
+
+impl Totals {
+    fn encode(&self) -> Vec<u8> {
+        [self.count, self.bytes, self.next_seq, self.dropped]
+            .iter()
+            .flat_map(|n| n.to_be_bytes())
+            .collect()
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() != 32 {
+            return None;
+        }
+        let n = |i: usize| be(&bytes[i * 8..i * 8 + 8]);
+        Some(Self {
+            count: n(0),
+            bytes: n(1),
+            next_seq: n(2),
+            dropped: n(3),
+        })
+    }
+}
+
+fn segment_key(first: u64) -> [u8; 9] {
+    let mut key = [SEGMENT_PREFIX; 9];
+    key[1..].copy_from_slice(&first.to_be_bytes());
+    key
+}
+
+/// All segment keys, oldest first.
+fn segment_range() -> std::ops::RangeInclusive<[u8; 9]> {
+    segment_key(0)..=segment_key(u64::MAX)
+}
+
+fn push_frame(out: &mut Vec<u8>, seq: u64, json: &[u8]) {
+    out.extend_from_slice(&seq.to_be_bytes());
+    out.extend_from_slice(&(json.len() as u32).to_be_bytes());
+    out.extend_from_slice(json);
+}
+
+fn frame_len(json: &[u8]) -> u64 {
+    FRAME_HEADER + json.len() as u64
+}
+
+/// The records of a segment value; a damaged tail is logged and skipped.
+fn frames(value: &[u8]) -> Vec<(u64, &[u8])> {
+    let mut out = Vec::new();
+    let mut rest = value;
+    while rest.len() >= FRAME_HEADER as usize {
+        let (header, tail) = rest.split_at(FRAME_HEADER as usize);
+        let len = be(&header[8..]) as usize;
+        let Some(json) = tail.get(..len) else { break };
+        out.push((be(&header[..8]), json));
+        rest = &tail[len..];
+    }
+    if !rest.is_empty() {
+        log::error!(target: "outbox", "a damaged segment: {} trailing bytes skipped", rest.len());
+    }
+    out
+}
+
+/// A sealed segment the publisher has read: which of its records still
+/// wait for an acknowledgement.
+struct Partial {
+    count: u64,
+    bytes: u64,
+    pending: BTreeSet<u64>,
+}
+
 struct DropLog {
     since_last: u64,
     last: Option<Instant>,
+}
+
+/// The open sled database and its tree.
+struct Store {
+    db: sled::Db,
+    tree: sled::Tree,
+}
+
+struct State {
+    /// `None` while a failed store is being reopened.
+    store: Option<Store>,
+    /// What sled holds, except drops not yet written with the next batch.
+    sealed: Totals,
+    /// `sealed.dropped` has grown since the totals were last written.
+    drops_unwritten: bool,
+    /// Records not sealed yet, oldest first.
+    open: VecDeque<(u64, Vec<u8>)>,
+    open_bytes: u64,
+    next_seq: u64,
+    /// The highest sequence number handed to the publisher.
+    handed: Option<u64>,
+    /// Sealed segments the publisher has read, by first sequence number.
+    partial: BTreeMap<u64, Partial>,
+    /// While sealing fails (disk full …): why, and when the store was last
+    /// reopened to try again. Logged once per episode.
+    failing: Option<(String, Instant)>,
+    drop_log: DropLog,
+}
+
+impl State {
+    fn is_pending(&self, first: u64, seq: u64) -> bool {
+        self.partial
+            .get(&first)
+            .is_none_or(|p| p.pending.contains(&seq))
+    }
+
+    /// Applies a batch that also writes `totals`; adopts them on success.
+    fn apply(&mut self, mut batch: sled::Batch, totals: Totals) -> sled::Result<()> {
+        let store = self
+            .store
+            .as_ref()
+            .ok_or_else(|| sled::Error::ReportableBug("the store is closed".into()))?;
+        batch.insert(TOTALS_KEY, totals.encode());
+        store.tree.apply_batch(batch)?;
+        self.sealed = totals;
+        self.drops_unwritten = false;
+        Ok(())
+    }
 }
 
 /// The store. Shared (`Arc`) by the pollers, which append, and the
 /// publisher, which reads in order and removes what was acknowledged.
 pub struct Outbox {
     path: PathBuf,
-    /// `None` while a failed store is being reopened.
-    store: RwLock<Option<Store>>,
     max_bytes: u64,
-    bytes: AtomicU64,
-    /// Records held (sled's own `len` walks the whole tree).
-    count: AtomicU64,
-    next_seq: AtomicU64,
-    dropped: AtomicU64,
+    state: Mutex<State>,
     appended: Notify,
-    drop_log: Mutex<DropLog>,
-    /// While appends fail (disk full …): why, and when the store was last
-    /// reopened to try again. Logged once per episode.
-    failing: Mutex<Option<(String, Instant)>>,
 }
-
-/// The open sled database and its two trees.
-struct Store {
-    db: sled::Db,
-    messages: sled::Tree,
-    meta: sled::Tree,
-}
-
-/// What a store holds, counted when it is opened.
-struct Contents {
-    bytes: u64,
-    count: u64,
-    next_seq: u64,
-    dropped: u64,
-}
-
-/// sled stays failed after an I/O error; the store is reopened this often
-/// while appends fail, so the outbox recovers once space returns.
-const REOPEN_EVERY: Duration = Duration::from_secs(5);
-
-const DROPPED_KEY: &[u8] = b"dropped";
 
 impl Outbox {
     /// Opens (or creates) the outbox under `data_dir`. A store that cannot
     /// be opened is an error naming the path; it is never wiped.
     pub fn open(data_dir: &Path, max_bytes: u64) -> Result<Self, OutboxError> {
         let path = data_dir.join("outbox");
-        let (store, contents) = open_store(&path)?;
+        let (store, sealed) = open_store(&path)?;
         Ok(Self {
             path,
-            store: RwLock::new(Some(store)),
             max_bytes,
-            bytes: AtomicU64::new(contents.bytes),
-            count: AtomicU64::new(contents.count),
-            next_seq: AtomicU64::new(contents.next_seq),
-            dropped: AtomicU64::new(contents.dropped),
-            appended: Notify::new(),
-            drop_log: Mutex::new(DropLog {
-                since_last: 0,
-                last: None,
+            state: Mutex::new(State {
+                store: Some(store),
+                sealed,
+                drops_unwritten: false,
+                open: VecDeque::new(),
+                open_bytes: 0,
+                next_seq: sealed.next_seq,
+                handed: None,
+                partial: BTreeMap::new(),
+                failing: None,
+                drop_log: DropLog {
+                    since_last: 0,
+                    last: None,
+                },
             }),
-            failing: Mutex::new(None),
+            appended: Notify::new(),
         })
     }
 
-    /// Runs `f` on the open store; `None` while it is closed for a reopen.
-    fn with<T>(&self, f: impl FnOnce(&Store) -> T) -> Option<T> {
-        let guard = self.store.read().unwrap_or_else(|e| e.into_inner());
-        guard.as_ref().map(f)
-    }
-
-    /// Closes the failed store and opens it again, recounting what it holds.
-    fn reopen(&self) {
-        let mut guard = self.store.write().unwrap_or_else(|e| e.into_inner());
-        // sled's file lock must be released before the path is opened again.
-        drop(guard.take());
-        match open_store(&self.path) {
-            Ok((store, contents)) => {
-                *guard = Some(store);
-                self.bytes.store(contents.bytes, Ordering::SeqCst);
-                self.count.store(contents.count, Ordering::SeqCst);
-                self.next_seq.fetch_max(contents.next_seq, Ordering::SeqCst);
-                self.dropped.fetch_max(contents.dropped, Ordering::SeqCst);
-                log::info!(target: "outbox", "reopened {} ({} messages held)", self.path.display(), contents.count);
-            }
-            Err(e) => log::debug!(target: "outbox", "{e}"),
-        }
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Appends a record. A failing disk does not stop the daemon: the record
-    /// is counted as dropped and the failure logged once until appends work
-    /// again.
+    /// Appends a record to the open segment.
     pub fn push(&self, record: &Record) {
-        let value = match serde_json::to_vec(record) {
+        let json = match serde_json::to_vec(record) {
             Ok(v) => v,
             Err(e) => {
                 log::error!(target: "outbox", "cannot encode a record: {e}");
                 return;
             }
         };
-        let retry = match lock(&self.failing).as_mut() {
-            Some((_, at)) if at.elapsed() >= REOPEN_EVERY => {
-                *at = Instant::now();
-                true
-            }
-            _ => false,
-        };
-        if retry {
-            self.reopen();
+        let mut s = self.lock();
+        let seq = s.next_seq;
+        s.next_seq += 1;
+        s.open_bytes += frame_len(&json);
+        s.open.push_back((seq, json));
+        if s.open_bytes >= SEGMENT_BYTES {
+            self.seal(&mut s);
         }
-        let seq = self.next_seq.fetch_add(1, Ordering::SeqCst);
-        let inserted = self
-            .with(|store| store.messages.insert(seq.to_be_bytes(), value.as_slice()))
-            .unwrap_or_else(|| Err(sled::Error::ReportableBug("store closed".into())));
-        match inserted {
-            Ok(_) => {
-                self.bytes.fetch_add(value.len() as u64, Ordering::SeqCst);
-                self.count.fetch_add(1, Ordering::SeqCst);
-                if let Some((reason, _)) = lock(&self.failing).take() {
+        self.enforce_bound(&mut s);
+        drop(s);
+        self.appended.notify_one();
+    }
+
+    /// Writes the open segment to sled with one batch. A failing disk does
+    /// not stop the daemon: its records are counted as dropped and the
+    /// failure logged once until sealing works again.
+    fn seal(&self, s: &mut State) {
+        if s.open.is_empty() {
+            if s.drops_unwritten {
+                let _ = s.apply(sled::Batch::default(), s.sealed);
+            }
+            return;
+        }
+        if let Some((_, at)) = &mut s.failing {
+            if at.elapsed() >= REOPEN_EVERY {
+                *at = Instant::now();
+                self.reopen(s);
+            }
+        }
+        let open = std::mem::take(&mut s.open);
+        let bytes = std::mem::take(&mut s.open_bytes);
+        let mut value = Vec::with_capacity(bytes as usize);
+        for (seq, json) in &open {
+            push_frame(&mut value, *seq, json);
+        }
+        let first = open.front().map_or(0, |(seq, _)| *seq);
+        let count = open.len() as u64;
+        let mut batch = sled::Batch::default();
+        batch.insert(&segment_key(first), value);
+        let totals = Totals {
+            count: s.sealed.count + count,
+            bytes: s.sealed.bytes + bytes,
+            next_seq: s.next_seq,
+            dropped: s.sealed.dropped,
+        };
+        match s.apply(batch, totals) {
+            Ok(()) => {
+                if s.handed.is_some_and(|handed| handed >= first) {
+                    let pending = open.iter().map(|(seq, _)| *seq).collect();
+                    s.partial.insert(
+                        first,
+                        Partial {
+                            count,
+                            bytes,
+                            pending,
+                        },
+                    );
+                }
+                if let Some((reason, _)) = s.failing.take() {
                     log::info!(target: "outbox", "appending works again (after: {reason})");
                 }
-                self.enforce_bound();
-                self.appended.notify_one();
             }
             Err(e) => {
-                self.count_dropped(1);
-                let mut failing = lock(&self.failing);
-                if failing.is_none() {
+                s.sealed.dropped += count;
+                s.drops_unwritten = true;
+                if s.failing.is_none() {
                     log::error!(target: "outbox", "cannot append to {}: {e}; readings are dropped and counted until it works again", self.path.display());
-                    *failing = Some((e.to_string(), Instant::now()));
+                    s.failing = Some((e.to_string(), Instant::now()));
                 }
             }
         }
     }
 
-    /// Drops the oldest records while the store is over `max_bytes`.
-    fn enforce_bound(&self) {
+    /// Closes the failed store and opens it again.
+    fn reopen(&self, s: &mut State) {
+        // sled's file lock must be released before the path is opened again.
+        drop(s.store.take());
+        match open_store(&self.path) {
+            Ok((store, sealed)) => {
+                s.store = Some(store);
+                s.partial.clear();
+                s.sealed = Totals {
+                    dropped: sealed.dropped.max(s.sealed.dropped),
+                    ..sealed
+                };
+                log::info!(target: "outbox", "reopened {} ({} messages held)", self.path.display(), sealed.count);
+            }
+            Err(e) => log::debug!(target: "outbox", "{e}"),
+        }
+    }
+
+    /// Drops the oldest records while the outbox is over `max_bytes`: whole
+    /// sealed segments first, then the oldest unsealed records.
+    fn enforce_bound(&self, s: &mut State) {
         let mut dropped = 0;
-        while self.bytes.load(Ordering::SeqCst) > self.max_bytes {
-            match self
-                .with(|store| store.messages.pop_min())
-                .and_then(Result::ok)
-            {
-                Some(Some((_, value))) => {
-                    self.bytes.fetch_sub(value.len() as u64, Ordering::SeqCst);
-                    self.count.fetch_sub(1, Ordering::SeqCst);
-                    dropped += 1;
+        while s.sealed.bytes + s.open_bytes > self.max_bytes {
+            if s.sealed.count > 0 {
+                match drop_oldest_segment(s) {
+                    Some(n) => dropped += n,
+                    None => break,
                 }
-                _ => break,
+            } else if let Some((_, json)) = s.open.pop_front() {
+                s.open_bytes -= frame_len(&json);
+                s.sealed.dropped += 1;
+                s.drops_unwritten = true;
+                dropped += 1;
+            } else {
+                break;
             }
         }
-        if dropped > 0 {
-            self.count_dropped(dropped);
-            let mut log = lock(&self.drop_log);
-            log.since_last += dropped;
-            if log.last.is_none_or(|t| t.elapsed() >= DROP_LOG_EVERY) {
-                let oldest = self.oldest().map(|r| r.taken_ms);
-                log::warn!(
-                    target: "outbox",
-                    "outbox full ({} bytes): dropped the {} oldest messages; {} dropped in all; oldest kept taken at {}",
-                    self.max_bytes,
-                    log.since_last,
-                    self.dropped.load(Ordering::SeqCst),
-                    oldest.map_or("-".to_string(), format_ms)
-                );
-                log.since_last = 0;
-                log.last = Some(Instant::now());
-            }
+        if dropped == 0 {
+            return;
         }
-    }
-
-    fn count_dropped(&self, n: u64) {
-        let total = self.dropped.fetch_add(n, Ordering::SeqCst) + n;
-        self.with(|store| store.meta.insert(DROPPED_KEY, &total.to_be_bytes()));
-    }
-
-    fn oldest(&self) -> Option<Record> {
-        let (_, value) = self.with(|store| store.messages.first())?.ok()??;
-        serde_json::from_slice(&value).ok()
+        s.drop_log.since_last += dropped;
+        if s.drop_log
+            .last
+            .is_none_or(|t| t.elapsed() >= DROP_LOG_EVERY)
+        {
+            let oldest = oldest(s).map(|r| r.taken_ms);
+            log::warn!(
+                target: "outbox",
+                "outbox full ({} bytes): dropped the {} oldest messages; {} dropped in all; oldest kept taken at {}",
+                self.max_bytes,
+                s.drop_log.since_last,
+                s.sealed.dropped,
+                oldest.map_or("-".to_string(), format_ms)
+            );
+            s.drop_log.since_last = 0;
+            s.drop_log.last = Some(Instant::now());
+        }
     }
 
     /// Records with sequence numbers above `after` (all if `None`), oldest
-    /// first, at most `limit`. Undecodable entries are skipped and logged.
+    /// first, at most `limit`, leaving out those already acknowledged.
+    /// Undecodable entries are skipped and logged.
     pub fn after(&self, after: Option<u64>, limit: usize) -> Vec<(u64, Record)> {
-        let raw: Vec<(sled::IVec, sled::IVec)> = self
-            .with(|store| {
-                let iter = match after {
-                    Some(seq) => store.messages.range((seq + 1).to_be_bytes()..),
-                    None => store.messages.iter(),
-                };
-                iter.filter_map(Result::ok).take(limit).collect()
-            })
-            .unwrap_or_default();
+        let start = after.map_or(0, |seq| seq + 1);
+        let mut raw: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut s = self.lock();
+        let State {
+            store,
+            partial,
+            open,
+            handed,
+            ..
+        } = &mut *s;
+        if let Some(store) = store {
+            // The segment holding `start` begins at or before it.
+            let from = match store
+                .tree
+                .range(segment_key(0)..=segment_key(start))
+                .next_back()
+            {
+                Some(Ok((key, _))) => be(&key[1..]),
+                _ => start,
+            };
+            for entry in store.tree.range(segment_key(from)..=segment_key(u64::MAX)) {
+                let Ok((key, value)) = entry else { break };
+                let frames = frames(&value);
+                let segment = partial.entry(be(&key[1..])).or_insert_with(|| Partial {
+                    count: frames.len() as u64,
+                    bytes: value.len() as u64,
+                    pending: frames.iter().map(|(seq, _)| *seq).collect(),
+                });
+                raw.extend(
+                    frames
+                        .into_iter()
+                        .filter(|(seq, _)| *seq >= start && segment.pending.contains(seq))
+                        .map(|(seq, json)| (seq, json.to_vec())),
+                );
+                if raw.len() >= limit {
+                    break;
+                }
+            }
+        }
+        raw.extend(
+            open.iter()
+                .filter(|(seq, _)| *seq >= start)
+                .take(limit.saturating_sub(raw.len()))
+                .cloned(),
+        );
+        raw.truncate(limit);
+        if let Some((last, _)) = raw.last() {
+            *handed = Some(handed.map_or(*last, |h| h.max(*last)));
+        }
+        drop(s);
         raw.into_iter()
-            .filter_map(|(key, value)| match serde_json::from_slice(&value) {
-                Ok(record) => Some((seq_of(&key), record)),
+            .filter_map(|(seq, json)| match serde_json::from_slice(&json) {
+                Ok(record) => Some((seq, record)),
                 Err(e) => {
-                    log::error!(target: "outbox", "skipping unreadable record {}: {e}", seq_of(&key));
-                    let _ = self.remove(&[seq_of(&key)]);
+                    log::error!(target: "outbox", "skipping unreadable record {seq}: {e}");
+                    let _ = self.remove(&[seq]);
                     None
                 }
             })
             .collect()
     }
 
-    /// Removes acknowledged records.
+    /// Removes acknowledged records; a sealed segment goes when all its
+    /// records have been acknowledged.
     pub fn remove(&self, seqs: &[u64]) -> Result<(), OutboxError> {
-        let storage = |source| OutboxError::Storage {
-            path: self.path.clone(),
-            source,
-        };
-        for seq in seqs {
-            let removed = self
-                .with(|store| store.messages.remove(seq.to_be_bytes()))
-                .transpose()
-                .map_err(storage)?
-                .flatten();
-            if let Some(value) = removed {
-                self.bytes.fetch_sub(value.len() as u64, Ordering::SeqCst);
-                self.count.fetch_sub(1, Ordering::SeqCst);
+        let mut s = self.lock();
+        for &seq in seqs {
+            if let Ok(i) = s.open.binary_search_by_key(&seq, |(q, _)| *q) {
+                if let Some((_, json)) = s.open.remove(i) {
+                    s.open_bytes -= frame_len(&json);
+                }
+                continue;
             }
+            let Some((&first, segment)) = s.partial.range_mut(..=seq).next_back() else {
+                continue;
+            };
+            if !segment.pending.remove(&seq) || !segment.pending.is_empty() {
+                continue;
+            }
+            let (count, bytes) = (segment.count, segment.bytes);
+            s.partial.remove(&first);
+            let mut batch = sled::Batch::default();
+            batch.remove(&segment_key(first));
+            let totals = Totals {
+                count: s.sealed.count.saturating_sub(count),
+                bytes: s.sealed.bytes.saturating_sub(bytes),
+                ..s.sealed
+            };
+            s.apply(batch, totals)
+                .map_err(|source| OutboxError::Storage {
+                    path: self.path.clone(),
+                    source,
+                })?;
         }
         Ok(())
     }
@@ -329,23 +538,73 @@ impl Outbox {
     }
 
     pub fn stats(&self) -> Stats {
+        let s = self.lock();
+        let acked: u64 = s
+            .partial
+            .values()
+            .map(|p| p.count - p.pending.len() as u64)
+            .sum();
         Stats {
-            messages: self.count.load(Ordering::SeqCst),
-            bytes: self.bytes.load(Ordering::SeqCst),
+            messages: (s.sealed.count + s.open.len() as u64).saturating_sub(acked),
+            bytes: s.sealed.bytes + s.open_bytes,
             max_bytes: self.max_bytes,
-            oldest_ms: self.oldest().map(|r| r.taken_ms),
-            dropped: self.dropped.load(Ordering::SeqCst),
+            oldest_ms: oldest(&s).map(|r| r.taken_ms),
+            dropped: s.sealed.dropped,
             at_ms: now_ms(),
         }
     }
 
-    /// Flushes to disk (at shutdown) and writes the status file.
+    /// Seals the open segment and flushes sled.
+    async fn seal_and_flush(&self) -> Result<(), OutboxError> {
+        let db = {
+            let mut s = self.lock();
+            self.seal(&mut s);
+            s.store.as_ref().map(|store| store.db.clone())
+        };
+        if let Some(db) = db {
+            db.flush_async()
+                .await
+                .map_err(|source| OutboxError::Storage {
+                    path: self.path.clone(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Seals and flushes every [`FLUSH_EVERY`] and keeps the status file
+    /// fresh, until the process ends.
+    pub async fn maintain(&self) {
+        let mut tick = tokio::time::interval(FLUSH_EVERY);
+        let mut status_at = Instant::now();
+        loop {
+            tick.tick().await;
+            if let Err(e) = self.seal_and_flush().await {
+                log::debug!(target: "outbox", "{e}");
+            }
+            if status_at.elapsed() >= STATUS_EVERY {
+                self.write_status();
+                status_at = Instant::now();
+            }
+        }
+    }
+
+    /// Seals, writes partly acknowledged segments back without their
+    /// acknowledged records (so a restart does not resend them), flushes to
+    /// disk and writes the status file. Called at shutdown.
     pub fn flush(&self) -> Result<(), OutboxError> {
-        if let Some(result) = self.with(|store| store.db.flush()) {
-            result.map_err(|source| OutboxError::Storage {
-                path: self.path.clone(),
-                source,
-            })?;
+        let storage = |source| OutboxError::Storage {
+            path: self.path.clone(),
+            source,
+        };
+        let db = {
+            let mut s = self.lock();
+            self.seal(&mut s);
+            trim_partials(&mut s).map_err(storage)?;
+            s.store.as_ref().map(|store| store.db.clone())
+        };
+        if let Some(db) = db {
+            db.flush().map_err(storage)?;
         }
         self.write_status();
         Ok(())
@@ -363,15 +622,85 @@ impl Outbox {
             let _ = std::fs::rename(&tmp, dir.join(STATUS_FILE));
         }
     }
+}
 
-    /// Keeps the status file fresh until the process ends.
-    pub async fn keep_status(&self) {
-        let mut tick = tokio::time::interval(STATUS_EVERY);
-        loop {
-            tick.tick().await;
-            self.write_status();
+/// Removes the oldest sealed segment; returns how many records it held that
+/// were not yet acknowledged (now counted as dropped).
+fn drop_oldest_segment(s: &mut State) -> Option<u64> {
+    let (key, value) = s.store.as_ref()?.tree.range(segment_range()).next()?.ok()?;
+    let first = be(&key[1..]);
+    let count = frames(&value).len() as u64;
+    let unacked = s
+        .partial
+        .remove(&first)
+        .map_or(count, |p| p.pending.len() as u64);
+    let mut batch = sled::Batch::default();
+    batch.remove(&key);
+    let totals = Totals {
+        count: s.sealed.count.saturating_sub(count),
+        bytes: s.sealed.bytes.saturating_sub(value.len() as u64),
+        dropped: s.sealed.dropped + unacked,
+        ..s.sealed
+    };
+    s.apply(batch, totals).ok()?;
+    Some(unacked)
+}
+
+/// Rewrites partly acknowledged segments with only their pending records.
+fn trim_partials(s: &mut State) -> sled::Result<()> {
+    let firsts: Vec<u64> = s
+        .partial
+        .iter()
+        .filter(|(_, p)| (p.pending.len() as u64) < p.count)
+        .map(|(first, _)| *first)
+        .collect();
+    for first in firsts {
+        let Some(store) = &s.store else { break };
+        let Some(value) = store.tree.get(segment_key(first))? else {
+            continue;
+        };
+        let mut kept = Vec::new();
+        let mut count = 0;
+        for (seq, json) in frames(&value) {
+            if s.is_pending(first, seq) {
+                push_frame(&mut kept, seq, json);
+                count += 1;
+            }
+        }
+        let mut batch = sled::Batch::default();
+        batch.insert(&segment_key(first), kept.as_slice());
+        let old = value.len() as u64;
+        let old_count = s.partial.get(&first).map_or(0, |p| p.count);
+        let totals = Totals {
+            count: s.sealed.count.saturating_sub(old_count) + count,
+            bytes: s.sealed.bytes.saturating_sub(old) + kept.len() as u64,
+            ..s.sealed
+        };
+        s.apply(batch, totals)?;
+        if let Some(p) = s.partial.get_mut(&first) {
+            p.count = count;
+            p.bytes = kept.len() as u64;
         }
     }
+    Ok(())
+}
+
+/// The oldest record not yet acknowledged.
+fn oldest(s: &State) -> Option<Record> {
+    let sealed = s.store.as_ref().and_then(|store| {
+        store.tree.range(segment_range()).find_map(|entry| {
+            let (key, value) = entry.ok()?;
+            let first = be(&key[1..]);
+            frames(&value)
+                .into_iter()
+                .find(|(seq, _)| s.is_pending(first, *seq))
+                .and_then(|(_, json)| serde_json::from_slice(json).ok())
+        })
+    });
+    sealed.or_else(|| {
+        let (_, json) = s.open.front()?;
+        serde_json::from_slice(json).ok()
+    })
 }
 
 /// The status file a running daemon keeps under `data_dir`.
@@ -380,8 +709,8 @@ pub fn read_status(data_dir: &Path) -> Option<Stats> {
     serde_json::from_slice(&text).ok()
 }
 
-/// Opens the sled store at `path` and counts what it holds.
-fn open_store(path: &Path) -> Result<(Store, Contents), OutboxError> {
+/// Opens the sled store at `path` and reads its totals.
+fn open_store(path: &Path) -> Result<(Store, Totals), OutboxError> {
     let open_error = |source: sled::Error| {
         let hint = match &source {
             sled::Error::Io(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
@@ -407,43 +736,25 @@ fn open_store(path: &Path) -> Result<(Store, Contents), OutboxError> {
         .path(path)
         .cache_capacity(CACHE_BYTES)
         .mode(sled::Mode::LowSpace)
-        .flush_every_ms(Some(FLUSH_EVERY.as_millis() as u64))
+        // Flushed by `Outbox::maintain` right after each seal.
+        .flush_every_ms(None)
         .open()
         .map_err(open_error)?;
-    let messages = db.open_tree("messages").map_err(open_error)?;
-    let meta = db.open_tree("meta").map_err(open_error)?;
-    let (mut bytes, mut count) = (0, 0);
-    for entry in messages.iter() {
-        let (_, value) = entry.map_err(open_error)?;
-        bytes += value.len() as u64;
-        count += 1;
-    }
-    let next_seq = match messages.last().map_err(open_error)? {
-        Some((key, _)) => seq_of(&key) + 1,
-        None => 0,
+    let tree = db.open_tree(TREE).map_err(open_error)?;
+    let totals = match tree.get(TOTALS_KEY).map_err(open_error)? {
+        Some(bytes) => Totals::decode(&bytes)
+            .ok_or_else(|| open_error(sled::Error::Corruption { at: None, bt: () }))?,
+        None => Totals::default(),
     };
-    let dropped = meta
-        .get(DROPPED_KEY)
-        .map_err(open_error)?
-        .map_or(0, |v| seq_of(&v));
-    let contents = Contents {
-        bytes,
-        count,
-        next_seq,
-        dropped,
-    };
-    Ok((Store { db, messages, meta }, contents))
+    Ok((Store { db, tree }, totals))
 }
 
-fn seq_of(bytes: &[u8]) -> u64 {
+/// A big-endian unsigned number of up to 8 bytes.
+fn be(bytes: &[u8]) -> u64 {
     let mut be = [0u8; 8];
     let n = bytes.len().min(8);
     be[8 - n..].copy_from_slice(&bytes[..n]);
     u64::from_be_bytes(be)
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// `2026-11-23 21:40:05 UTC` for a time in ms since the epoch.
@@ -500,7 +811,7 @@ mod tests {
     fn the_bound_drops_the_oldest_and_counts_them() {
         let dir = tempfile::tempdir().unwrap();
         // Records 10..35 all encode to the same size.
-        let size = serde_json::to_vec(&record(10, None)).unwrap().len() as u64;
+        let size = frame_len(&serde_json::to_vec(&record(10, None)).unwrap());
         let outbox = Outbox::open(dir.path(), size * 10).unwrap();
         for i in 10..35 {
             outbox.push(&record(i, None));
@@ -509,11 +820,66 @@ mod tests {
         assert_eq!((stats.messages, stats.dropped), (10, 15));
         assert!(stats.bytes <= size * 10);
         assert_eq!(stats.oldest_ms, Some(1_700_000_000_025));
+        outbox.flush().unwrap();
         drop(outbox);
         assert_eq!(
             Outbox::open(dir.path(), size * 10).unwrap().stats().dropped,
             15
         );
+    }
+
+    #[test]
+    fn segments_are_deleted_once_acknowledged_and_trimmed_at_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = 2000; // several segments of SEGMENT_BYTES
+        {
+            let outbox = Outbox::open(dir.path(), 1 << 30).unwrap();
+            for i in 0..n {
+                outbox.push(&record(i, None));
+            }
+            let read: Vec<u64> = outbox
+                .after(None, 5000)
+                .into_iter()
+                .map(|(s, _)| s)
+                .collect();
+            assert_eq!(read, (0..n).collect::<Vec<_>>());
+            // Acknowledge out of order within a window, leaving 1500.. held.
+            let mut acked: Vec<u64> = (0..1500).collect();
+            acked.swap(3, 20);
+            outbox.remove(&acked).unwrap();
+            assert_eq!(outbox.stats().messages, 500);
+            assert_eq!(outbox.stats().oldest_ms, Some(1_700_000_001_500));
+            let again: Vec<u64> = outbox.after(None, 10).into_iter().map(|(s, _)| s).collect();
+            assert_eq!(
+                again,
+                (1500..1510).collect::<Vec<_>>(),
+                "acknowledged records are not resent"
+            );
+            outbox.flush().unwrap();
+        }
+        let outbox = Outbox::open(dir.path(), 1 << 30).unwrap();
+        let stats = outbox.stats();
+        assert_eq!(
+            stats.messages, 500,
+            "the partly acknowledged segment was trimmed"
+        );
+        let held: Vec<u64> = outbox
+            .after(None, 5000)
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        assert_eq!(held, (1500..n).collect::<Vec<_>>());
+        let bytes: u64 = (1500..n)
+            .map(|i| frame_len(&serde_json::to_vec(&record(i, None)).unwrap()))
+            .sum();
+        assert_eq!(stats.bytes, bytes);
+        outbox.remove(&held).unwrap();
+        outbox.flush().unwrap();
+        drop(outbox);
+        let outbox = Outbox::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!((outbox.stats().messages, outbox.stats().bytes), (0, 0));
+        outbox.push(&record(9, None));
+        assert_eq!(outbox.after(None, 10)[0].0, n, "sequence numbers continue");
     }
 
     #[test]

@@ -274,10 +274,11 @@ async fn three_sub_devices_at_one_message_per_second_stay_live_combined() {
 struct Tmpfs(std::path::PathBuf);
 
 impl Tmpfs {
-    fn mount(path: &std::path::Path, size: &str) -> Option<Self> {
+    /// `options` as for `mount -o`, e.g. `size=1M` or `ro,size=1M`.
+    fn mount(path: &std::path::Path, options: &str) -> Option<Self> {
         std::fs::create_dir_all(path).ok()?;
         let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
             .arg(path)
             .stderr(std::process::Stdio::null())
             .status()
@@ -308,7 +309,7 @@ impl Drop for Tmpfs {
 async fn a_full_disk_drops_and_counts_then_recovers_by_itself() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let Some(disk) = Tmpfs::mount(&data, "1M") else {
+    let Some(disk) = Tmpfs::mount(&data, "size=1M") else {
         eprintln!("SKIPPED a_full_disk_drops_and_counts_then_recovers_by_itself: cannot mount a tmpfs here (needs root)");
         return;
     };
@@ -392,4 +393,50 @@ async fn a_full_disk_drops_and_counts_then_recovers_by_itself() {
     );
     drop(gw);
     drop(disk);
+}
+
+/// An unwritable data dir stops `run` at once with an error that names the
+/// outbox path and what to do; nothing is created or wiped. As root the dir
+/// is a read-only tmpfs (root ignores permission bits); otherwise mode 0555.
+#[test]
+fn an_unwritable_data_dir_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mount = Tmpfs::mount(&data, "ro,size=1M");
+    if mount.is_none() {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o555)).unwrap();
+    }
+    let config = dir.path().join("fieldgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[gateway]\nid = \"gw\"\ndata_dir = \"{}\"\n[platform]\nprofile = \"generic\"\nhost = \"127.0.0.1\"\nport = {}\n",
+            data.display(),
+            fieldgate::broker::free_port().unwrap()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fieldgate"))
+        .args(["--config", config.to_str().unwrap(), "run"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "cannot open the outbox at {}",
+            data.join("outbox").display()
+        )),
+        "{stderr}"
+    );
+    let hint = if mount.is_some() {
+        "Check that the disk is mounted, writable and not full."
+    } else {
+        "Check that the service user owns the directory"
+    };
+    assert!(stderr.contains(hint), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!data.join("outbox").exists());
 }
