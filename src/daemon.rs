@@ -1,6 +1,8 @@
 //! `fieldgate run`: wires config → one poller per bus → outbox → platform,
-//! and stops them all on shutdown with the outbox flushed.
+//! and platform → router → the pollers' job queues; stops them all on
+//! shutdown with the outbox flushed.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -8,13 +10,16 @@ use tokio::sync::{mpsc, watch};
 
 use crate::bus::Bus;
 use crate::commands::Usage;
-use crate::config::{BusMode, Config};
-use crate::outbox::Outbox;
+use crate::config::Config;
+use crate::outbox::{Outbox, Record};
 use crate::platform;
-use crate::poll::{Poller, Reading};
+use crate::poll::Poller;
+use crate::router::Router;
 
-/// Readings on their way to the outbox (a few ms each).
+/// Readings and events on their way to the outbox (a few ms each).
 const UPLINK_QUEUE: usize = 1024;
+/// Downlink messages waiting for the router.
+const DOWNLINK_QUEUE: usize = 256;
 
 /// Runs the daemon until `shutdown` turns true.
 pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
@@ -25,20 +30,23 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
         &config.gateway.data_dir,
         config.buffer.max_bytes,
     )?);
-    let (readings_tx, mut readings_rx) = mpsc::channel::<Reading>(UPLINK_QUEUE);
+    let (uplink_tx, mut uplink_rx) = mpsc::channel::<Record>(UPLINK_QUEUE);
     let mut pollers = Vec::new();
-    for bus_config in config.buses.iter().filter(|b| b.mode == BusMode::Rtu) {
+    let mut jobs = HashMap::new();
+    for bus_config in &config.buses {
         let devices: Vec<_> = config.devices_on(&bus_config.name).cloned().collect();
-        if devices.is_empty() {
+        let streamed = config.streams.iter().any(|s| s.bus == bus_config.name);
+        if devices.is_empty() && !streamed {
             continue;
         }
         let mut bus = Bus::new(bus_config.clone());
         // A missing adapter is not fatal: the bus keeps trying to reopen it.
         let _ = bus.ensure_open();
-        let (poller, _jobs) = Poller::new(bus, devices, readings_tx.clone());
+        let (poller, job_tx) = Poller::new(bus, devices, uplink_tx.clone());
+        jobs.insert(bus_config.name.clone(), job_tx);
         pollers.push(tokio::spawn(poller.run(shutdown.clone())));
     }
-    drop(readings_tx);
+    drop(uplink_tx);
     log::info!(
         target: "daemon",
         "gateway {} started: {} buses, {} devices, platform {}:{}",
@@ -48,21 +56,31 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
         platform.host,
         platform.port
     );
-    // Every reading is on disk before anything tries to send it.
+    // Every reading is in the outbox before anything tries to send it.
     let store = {
         let outbox = outbox.clone();
         tokio::spawn(async move {
-            while let Some(reading) = readings_rx.recv().await {
-                outbox.push(&reading.into());
+            while let Some(record) = uplink_rx.recv().await {
+                outbox.push(&record);
             }
         })
     };
+    let (downlink_tx, downlink_rx) = mpsc::channel(DOWNLINK_QUEUE);
+    let router = Router::new(Arc::new(config.clone()), jobs, outbox.clone());
+    let router = tokio::spawn(router.run(downlink_rx, shutdown.clone()));
     let status = {
         let outbox = outbox.clone();
         tokio::spawn(async move { outbox.maintain().await })
     };
-    let uplink = platform::run(&config.gateway.id, &platform, outbox.clone(), shutdown);
+    let uplink = platform::run(
+        &config.gateway.id,
+        &platform,
+        outbox.clone(),
+        Some(downlink_tx),
+        shutdown,
+    );
     uplink.await.context("platform connection")?;
+    let _ = router.await;
     for poller in pollers {
         let _ = poller.await;
     }

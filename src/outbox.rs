@@ -65,6 +65,52 @@ pub enum Body {
         key: Option<String>,
         values: serde_json::Map<String, serde_json::Value>,
     },
+    /// Something the platform should know: a rejected or failed write, a
+    /// device going offline or online, a raw frame that got no answer.
+    Event {
+        id: u64,
+        method: String,
+        params: serde_json::Map<String, serde_json::Value>,
+    },
+    /// The answer to a platform command: `key` is the sub-device it was
+    /// sent to, `id` the command id as the platform gave it.
+    Reply {
+        key: Option<String>,
+        id: serde_json::Value,
+        method: String,
+        params: serde_json::Map<String, serde_json::Value>,
+    },
+    /// A raw frame's response for `data/<stream>`, already in the stream's
+    /// encoding.
+    Stream { name: String, payload: Vec<u8> },
+}
+
+impl Record {
+    /// A record taken now.
+    pub fn now(body: Body) -> Self {
+        Record {
+            taken_ms: now_ms(),
+            body,
+        }
+    }
+
+    /// An event taken now, with a fresh id (ThingsCloud's `event/report/<id>`).
+    pub fn event(method: &str, params: serde_json::Value) -> Self {
+        static NEXT_ID: std::sync::OnceLock<std::sync::atomic::AtomicU64> =
+            std::sync::OnceLock::new();
+        let id = NEXT_ID
+            .get_or_init(|| std::sync::atomic::AtomicU64::new(now_ms()))
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let params = match params {
+            serde_json::Value::Object(map) => map,
+            _ => serde_json::Map::new(),
+        };
+        Self::now(Body::Event {
+            id,
+            method: method.to_string(),
+            params,
+        })
+    }
 }
 
 impl From<Reading> for Record {

@@ -275,24 +275,7 @@ impl Slaves {
     /// Serves these slaves on a new pseudo-terminal; the returned [`Pty`]
     /// names the path a master (fieldgate) opens.
     pub fn serve(&self) -> io::Result<Pty> {
-        let pty = nix::pty::openpty(None, None).map_err(io::Error::from)?;
-        // Not inherited by processes we spawn: a child holding the master
-        // would keep the line up after we close it.
-        for fd in [&pty.master, &pty.slave] {
-            fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).map_err(io::Error::from)?;
-        }
-        // Raw mode from the start: no echo or line editing before a master
-        // opens the port and sets its own line settings.
-        let mut tio = termios::tcgetattr(&pty.slave).map_err(io::Error::from)?;
-        termios::cfmakeraw(&mut tio);
-        termios::tcsetattr(&pty.slave, termios::SetArg::TCSANOW, &tio).map_err(io::Error::from)?;
-        let path = nix::unistd::ttyname(&pty.slave).map_err(io::Error::from)?;
-        // SAFETY: `into_raw_fd` hands over sole ownership of the master fd,
-        // which TTYPort then owns and closes.
-        let master = unsafe {
-            <serialport::TTYPort as std::os::fd::FromRawFd>::from_raw_fd(pty.master.into_raw_fd())
-        };
-        let stream = tokio_serial::SerialStream::try_from(master).map_err(io::Error::from)?;
+        let (stream, slave, path) = open_line()?;
         let server = tokio_modbus::server::rtu::Server::new(stream);
         let service = Service(self.clone());
         let task = tokio::spawn(async move {
@@ -302,10 +285,54 @@ impl Slaves {
         });
         Ok(Pty {
             path,
-            _slave: pty.slave,
+            _slave: slave,
             task,
         })
     }
+}
+
+/// A device for a `transparent` bus that sends back every byte it
+/// receives, on a new pseudo-terminal.
+pub fn echo() -> io::Result<Pty> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut stream, slave, path) = open_line()?;
+    let task = tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        while let Ok(n) = stream.read(&mut buf).await {
+            if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+    });
+    Ok(Pty {
+        path,
+        _slave: slave,
+        task,
+    })
+}
+
+/// A new pseudo-terminal in raw mode: our end as a serial stream, the other
+/// end's fd (kept open so the line stays up) and path.
+fn open_line() -> io::Result<(tokio_serial::SerialStream, OwnedFd, PathBuf)> {
+    let pty = nix::pty::openpty(None, None).map_err(io::Error::from)?;
+    // Not inherited by processes we spawn: a child holding the master
+    // would keep the line up after we close it.
+    for fd in [&pty.master, &pty.slave] {
+        fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).map_err(io::Error::from)?;
+    }
+    // Raw mode from the start: no echo or line editing before a master
+    // opens the port and sets its own line settings.
+    let mut tio = termios::tcgetattr(&pty.slave).map_err(io::Error::from)?;
+    termios::cfmakeraw(&mut tio);
+    termios::tcsetattr(&pty.slave, termios::SetArg::TCSANOW, &tio).map_err(io::Error::from)?;
+    let path = nix::unistd::ttyname(&pty.slave).map_err(io::Error::from)?;
+    // SAFETY: `into_raw_fd` hands over sole ownership of the master fd,
+    // which TTYPort then owns and closes.
+    let master = unsafe {
+        <serialport::TTYPort as std::os::fd::FromRawFd>::from_raw_fd(pty.master.into_raw_fd())
+    };
+    let stream = tokio_serial::SerialStream::try_from(master).map_err(io::Error::from)?;
+    Ok((stream, pty.slave, path))
 }
 
 /// A typical range for a synthetic value: the write range if given, else

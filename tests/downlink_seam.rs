@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use fieldgate::bus::{Bus, Request};
 use fieldgate::config::{self, UnitId};
+use fieldgate::outbox::Body;
 use fieldgate::poll::{Job, Poller};
 use fieldgate::sim::Slaves;
 use tokio::sync::{mpsc, watch};
@@ -38,11 +39,11 @@ async fn a_job_goes_between_two_poll_transactions() {
     let pty = slaves.serve().unwrap();
     config.buses[0].port = pty.path.display().to_string();
 
-    let (readings_tx, mut readings) = mpsc::channel(8);
+    let (uplink_tx, mut uplink) = mpsc::channel(8);
     let (poller, jobs) = Poller::new(
         Bus::new(config.buses[0].clone()),
         config.devices.clone(),
-        readings_tx,
+        uplink_tx,
     );
     let (stop_tx, stop) = watch::channel(false);
     let task = tokio::spawn(poller.run(stop));
@@ -63,8 +64,11 @@ async fn a_job_goes_between_two_poll_transactions() {
     });
     assert!(jobs.send(job).await.is_ok());
     assert!(done.await.unwrap().is_ok());
-    let reading = readings.recv().await.unwrap();
-    assert_eq!(reading.values.len(), 3);
+    let record = uplink.recv().await.unwrap();
+    let Body::Attributes { values, .. } = record.body else {
+        panic!("a reading, got {record:?}");
+    };
+    assert_eq!(values.len(), 3);
     stop_tx.send_replace(true);
     task.await.unwrap();
 

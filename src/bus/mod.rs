@@ -1,13 +1,16 @@
 //! The serial bus: one [`Bus`] owns one port and runs one Modbus RTU
 //! transaction at a time, with the bus's response timeout, retries and
 //! inter-transaction delay. A port that disappears is reopened with capped
-//! backoff; until then transactions fail fast instead of blocking.
+//! backoff; until then transactions fail fast instead of blocking. A
+//! `transparent` bus carries raw bytes instead ([`Bus::exchange`]).
 
+pub mod frame;
 mod port;
 
 use std::io;
 use std::time::Duration;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{sleep_until, timeout, Instant};
 use tokio_modbus::client::{Client, Context};
 use tokio_modbus::prelude::SlaveContext;
@@ -43,6 +46,16 @@ impl Request {
             Request::WriteRegister(a, _) => (Area::Holding, *a, 1),
             Request::WriteRegisters(a, v) => (Area::Holding, *a, v.len() as u16),
         }
+    }
+
+    pub fn is_write(&self) -> bool {
+        !matches!(
+            self,
+            Request::ReadCoils(..)
+                | Request::ReadDiscretes(..)
+                | Request::ReadHolding(..)
+                | Request::ReadInput(..)
+        )
     }
 
     /// Bytes of the RTU request frame and of its normal response frame.
@@ -174,10 +187,19 @@ fn settle_time(bus: &config::Bus, timeout: Duration) -> Duration {
     (timeout / 2).clamp(bus.frame_gap(), Duration::from_millis(250))
 }
 
+/// Longest reply a transparent bus collects for one request.
+pub const RAW_REPLY_MAX: usize = 4096;
+
+/// An open port: a Modbus RTU client, or raw bytes on a transparent bus.
+enum Link {
+    Rtu(Context),
+    Raw(port::Port),
+}
+
 /// The owner of one serial port.
 pub struct Bus {
     config: config::Bus,
-    ctx: Option<Context>,
+    link: Option<Link>,
     /// Earliest time the next transaction may start (inter-frame gap, `delay`,
     /// settle time after a timeout).
     quiet_until: Instant,
@@ -193,7 +215,7 @@ impl Bus {
         let now = Instant::now();
         Self {
             config,
-            ctx: None,
+            link: None,
             quiet_until: now,
             reopen_at: now,
             reopen_delay: REOPEN_MIN,
@@ -205,14 +227,20 @@ impl Bus {
         &self.config
     }
 
-    fn attach(stream: SerialStream) -> Context {
-        tokio_modbus::client::rtu::attach_slave(port::Port::new(stream), Slave(0))
+    fn attach(&self, stream: SerialStream) -> Link {
+        let port = port::Port::new(stream);
+        match self.config.mode {
+            config::BusMode::Rtu => {
+                Link::Rtu(tokio_modbus::client::rtu::attach_slave(port, Slave(0)))
+            }
+            config::BusMode::Transparent => Link::Raw(port),
+        }
     }
 
     /// Opens the port if it is closed and its backoff has passed. Errors are
     /// logged once per outage, with the reason.
     pub fn ensure_open(&mut self) -> Result<(), TxError> {
-        if self.ctx.is_some() {
+        if self.link.is_some() {
             return Ok(());
         }
         let now = Instant::now();
@@ -224,7 +252,7 @@ impl Bus {
                 if self.down.take().is_some() {
                     log::info!(target: "bus", "bus {}: port {} is back", self.config.name, self.config.port);
                 }
-                self.ctx = Some(Self::attach(stream));
+                self.link = Some(self.attach(stream));
                 self.reopen_delay = REOPEN_MIN;
                 Ok(())
             }
@@ -243,14 +271,15 @@ impl Bus {
     }
 
     fn port_lost(&mut self, reason: String) {
-        self.ctx = None;
+        self.link = None;
         self.down = Some(reason);
         self.reopen_at = Instant::now() + self.reopen_delay;
         self.reopen_delay = (self.reopen_delay * 2).min(REOPEN_MAX);
     }
 
     /// Runs `request` on `unit`, retrying per the bus config. `timeout`
-    /// overrides the bus timeout (a slow device's own).
+    /// overrides the bus timeout (a slow device's own). An exception to a
+    /// write is final: the slave is alive and said no.
     pub async fn transact(
         &mut self,
         unit: UnitId,
@@ -263,6 +292,7 @@ impl Bus {
             let result = self.attempt(unit, request, timeout).await;
             match &result {
                 Ok(_) | Err(TxError::Port(_)) => return result,
+                Err(TxError::Exception(_)) if request.is_write() => return result,
                 Err(_) if attempt >= self.config.retries => return result,
                 Err(e) => log::debug!(
                     target: "bus",
@@ -276,7 +306,8 @@ impl Bus {
         }
     }
 
-    /// One try, no retries: used by `scan`, which probes many silent ids.
+    /// One try, no retries: used by `scan`, which probes many silent ids,
+    /// and for raw frames, which run as exactly one transaction.
     pub async fn attempt(
         &mut self,
         unit: UnitId,
@@ -285,8 +316,10 @@ impl Bus {
     ) -> Result<Reply, TxError> {
         self.ensure_open()?;
         sleep_until(self.quiet_until).await;
-        let Some(ctx) = self.ctx.as_mut() else {
-            return Err(TxError::Port("closed".into()));
+        let Some(Link::Rtu(ctx)) = self.link.as_mut() else {
+            return Err(TxError::Port(
+                "not open as a Modbus RTU bus (mode = \"transparent\"?)".into(),
+            ));
         };
         ctx.set_slave(Slave(unit.get()));
         let outcome = timeout(limit, ctx.call(request.to_modbus())).await;
@@ -302,6 +335,49 @@ impl Bus {
             Ok(Err(tokio_modbus::Error::Protocol(e))) => Err(TxError::Mismatch(e.to_string())),
             Ok(Err(tokio_modbus::Error::Transport(e))) => Err(self.transport_error(e)),
         }
+    }
+
+    /// Transparent bus: writes `bytes` as they are and returns what arrives
+    /// until the line is idle for 3.5 character times (at most
+    /// [`RAW_REPLY_MAX`] bytes). No reply within the bus timeout is
+    /// [`TxError::Timeout`].
+    pub async fn exchange(&mut self, bytes: &[u8]) -> Result<Vec<u8>, TxError> {
+        self.ensure_open()?;
+        sleep_until(self.quiet_until).await;
+        let limit = self.config.timeout;
+        // The OS timer cannot resolve less than a millisecond.
+        let idle = self.config.frame_gap().max(Duration::from_millis(1));
+        let Some(Link::Raw(port)) = self.link.as_mut() else {
+            return Err(TxError::Port(
+                "not open as a transparent bus (mode = \"rtu\"?)".into(),
+            ));
+        };
+        let mut reply = Vec::new();
+        let outcome: io::Result<()> = async {
+            port.write_all(bytes).await?;
+            let mut buf = [0u8; 256];
+            let mut wait = limit;
+            while reply.len() < RAW_REPLY_MAX {
+                match timeout(wait, port.read(&mut buf)).await {
+                    Err(_) => break,
+                    Ok(Ok(0)) => break,
+                    Ok(Ok(n)) => reply.extend_from_slice(&buf[..n]),
+                    Ok(Err(e)) => return Err(e),
+                }
+                wait = idle;
+            }
+            Ok(())
+        }
+        .await;
+        self.quiet_until = Instant::now() + self.config.frame_gap() + self.config.delay;
+        if let Err(e) = outcome {
+            return Err(self.transport_error(e));
+        }
+        reply.truncate(RAW_REPLY_MAX);
+        if reply.is_empty() {
+            return Err(TxError::Timeout(limit));
+        }
+        Ok(reply)
     }
 
     /// Separates a vanished port (reopen it) from a garbled frame (retry).

@@ -1,6 +1,7 @@
 //! The platform side: one MQTT connection (rumqttc, QoS 1, TLS via rustls)
 //! that publishes the outbox in order, removes what the broker acknowledged
-//! and keeps reconnecting with capped exponential backoff.
+//! and keeps reconnecting with capped exponential backoff. Downlink messages
+//! are handed to the router untouched.
 
 pub mod profile;
 
@@ -14,11 +15,12 @@ use rumqttc::{
 use rustls::pki_types::{pem::PemObject, CertificateDer};
 use std::collections::{HashMap, VecDeque};
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep, sleep_until, Instant};
 
 use crate::config::{Platform, Profile};
 use crate::outbox::{Outbox, Record};
+use crate::router::Incoming;
 use profile::Message;
 
 const RECONNECT_MIN: Duration = Duration::from_secs(1);
@@ -185,6 +187,7 @@ pub async fn run(
     gateway_id: &str,
     platform: &Platform,
     outbox: Arc<Outbox>,
+    downlink: Option<mpsc::Sender<Incoming>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let options = mqtt_options(gateway_id, platform)?;
@@ -217,6 +220,25 @@ pub async fn run(
                     if let Some(topic) = &status {
                         window.unassigned.push_back(Vec::new());
                         let _ = client.try_publish(topic, QoS::AtLeastOnce, true, "online");
+                    }
+                    if downlink.is_some() {
+                        let topics = profile::downlink_topics(&platform.profile)
+                            .into_iter()
+                            .map(|t| rumqttc::SubscribeFilter::new(t, QoS::AtLeastOnce));
+                        if let Err(e) = client.try_subscribe_many(topics) {
+                            log::error!(target: "platform", "cannot subscribe to the downlink topics: {e}");
+                        }
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(publish))) => {
+                    if let Some(downlink) = &downlink {
+                        let message = Incoming {
+                            topic: publish.topic.clone(),
+                            payload: publish.payload.to_vec(),
+                        };
+                        if downlink.try_send(message).is_err() {
+                            log::warn!(target: "platform", "downlink queue full: a message was dropped");
+                        }
                     }
                 }
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => window.assigned(pkid),

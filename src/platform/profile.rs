@@ -19,9 +19,19 @@ pub const COMBINED_MAX_BYTES: usize = 64 * 1024;
 
 /// The sub-device key of a record that may share a message with others
 /// (ThingsCloud sub-device attributes only).
-fn combinable<'a>(profile: &Profile, record: &'a Record) -> Option<&'a str> {
+fn combinable<'a>(
+    profile: &Profile,
+    record: &'a Record,
+) -> Option<(&'a str, &'a serde_json::Map<String, serde_json::Value>)> {
     match (profile, &record.body) {
-        (Profile::ThingsCloud { .. }, Body::Attributes { key: Some(key), .. }) => Some(key),
+        (
+            Profile::ThingsCloud { .. },
+            Body::Attributes {
+                key: Some(key),
+                values,
+                ..
+            },
+        ) => Some((key, values)),
         _ => None,
     }
 }
@@ -34,10 +44,9 @@ pub fn batch_len<'a>(profile: &Profile, records: impl IntoIterator<Item = &'a Re
     let mut bytes = 2;
     let mut n = 0;
     for record in records {
-        let Some(key) = combinable(profile, record) else {
+        let Some((key, values)) = combinable(profile, record) else {
             return n.max(1);
         };
-        let Body::Attributes { values, .. } = &record.body;
         let size = key.len() + 4 + serde_json::to_vec(values).map_or(0, |v| v.len());
         if !keys.insert(key) || (n > 0 && bytes + size > COMBINED_MAX_BYTES) {
             break;
@@ -57,37 +66,100 @@ pub fn message(profile: &Profile, records: &[Record]) -> Message {
             retain: false,
         };
     };
-    let Body::Attributes {
-        device,
-        key,
-        values,
-    } = &first.body;
-    let (topic, payload) = match (profile, key) {
-        (Profile::ThingsCloud { .. }, None) => ("attributes".to_string(), json!(values)),
-        (Profile::ThingsCloud { .. }, Some(_)) => {
-            let mut combined = serde_json::Map::new();
-            for record in records {
-                let Body::Attributes {
-                    key: Some(key),
-                    values,
-                    ..
-                } = &record.body
-                else {
-                    continue;
-                };
-                combined.insert(key.clone(), json!(values));
+    let generic = match profile {
+        Profile::Generic { topic_prefix, .. } => Some(topic_prefix.as_str()),
+        Profile::ThingsCloud { .. } => None,
+    };
+    let (topic, payload) = match (&first.body, generic) {
+        (Body::Attributes { values, key, .. }, None) => match key {
+            None => ("attributes".to_string(), json!(values)),
+            Some(_) => {
+                let combined: serde_json::Map<String, serde_json::Value> = records
+                    .iter()
+                    .filter_map(|r| combinable(profile, r))
+                    .map(|(key, values)| (key.to_string(), json!(values)))
+                    .collect();
+                ("gateway/attributes".to_string(), json!(combined))
             }
-            ("gateway/attributes".to_string(), json!(combined))
-        }
-        (Profile::Generic { topic_prefix, .. }, _) => (
-            format!("{topic_prefix}/{device}/attributes"),
+        },
+        (Body::Attributes { device, values, .. }, Some(prefix)) => (
+            format!("{prefix}/{device}/attributes"),
             json!({ "ts": first.taken_ms, "values": values }),
         ),
+        (Body::Event { id, method, params }, None) => (
+            format!("event/report/{id}"),
+            json!({ "method": method, "params": params }),
+        ),
+        (Body::Event { method, params, .. }, Some(prefix)) => (
+            format!("{prefix}/event"),
+            json!({ "ts": first.taken_ms, "method": method, "params": params }),
+        ),
+        (
+            Body::Reply {
+                key: Some(key),
+                id,
+                method,
+                params,
+            },
+            None,
+        ) => (
+            "gateway/command/reply".to_string(),
+            json!({ "device": key, "command": { "id": id, "method": method, "params": params } }),
+        ),
+        (
+            Body::Reply {
+                id, method, params, ..
+            },
+            prefix,
+        ) => (
+            match prefix {
+                None => format!("command/reply/{}", id_text(id)),
+                Some(prefix) => format!("{prefix}/command/{}/reply", id_text(id)),
+            },
+            json!({ "method": method, "params": params }),
+        ),
+        (Body::Stream { name, payload }, prefix) => {
+            let topic = match prefix {
+                None => format!("data/{name}"),
+                Some(prefix) => format!("{prefix}/stream/{name}"),
+            };
+            return Message {
+                topic,
+                payload: payload.clone(),
+                retain: false,
+            };
+        }
     };
     Message {
         topic,
         payload: payload.to_string().into_bytes(),
         retain: false,
+    }
+}
+
+/// A command id as it appears in a topic: strings bare, numbers as written.
+fn id_text(id: &serde_json::Value) -> String {
+    match id {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The topics the gateway subscribes to for downlink (SPEC §5, §6).
+pub fn downlink_topics(profile: &Profile) -> Vec<String> {
+    match profile {
+        Profile::ThingsCloud { .. } => [
+            "attributes/push",
+            "gateway/attributes/push",
+            "command/send/+",
+            "gateway/command/send",
+            "data/+/set",
+        ]
+        .map(String::from)
+        .to_vec(),
+        Profile::Generic { topic_prefix, .. } => ["+/set", "command/+", "stream/+/set"]
+            .map(|t| format!("{topic_prefix}/{t}"))
+            .to_vec(),
     }
 }
 

@@ -2,7 +2,8 @@
 //!
 //! Each bus gets one [`Poller`]. It decides which device is due, reads its
 //! coalesced blocks one transaction at a time, decodes the points, applies
-//! the report policy and hands [`Reading`]s to the uplink queue. Downlink
+//! the report policy and hands [`Reading`]s to the uplink queue, with an
+//! event when a device goes offline or comes back. Downlink
 //! [`Job`]s sent to the poller run before its next transaction, never inside
 //! one. A device that keeps failing is backed off so that its timeouts do not
 //! starve the devices that answer.
@@ -21,6 +22,7 @@ use tokio_modbus::ExceptionCode;
 
 use crate::bus::{Bus, Reply, TxError};
 use crate::config::{Device, Point, Report};
+use crate::outbox::Record;
 use codec::Value;
 use plan::Block;
 
@@ -171,8 +173,21 @@ impl DeviceState {
         )
     }
 
-    /// Updates failure counters and logs transitions (never every cycle).
-    fn record(&mut self, result: &PollResult) {
+    /// An offline/online event for the platform.
+    fn event(&self, method: &str, reason: Option<&str>) -> Record {
+        let mut params = serde_json::json!({ "device": self.device.name });
+        if let Some(key) = &self.device.key {
+            params["key"] = key.as_str().into();
+        }
+        if let Some(reason) = reason {
+            params["reason"] = reason.into();
+        }
+        Record::event(method, params)
+    }
+
+    /// Updates failure counters and logs transitions (never every cycle);
+    /// returns the event of a device going offline or coming back.
+    fn record(&mut self, result: &PollResult) -> Option<Record> {
         let name = &self.device.name;
         if result.unreachable() {
             self.failures += 1;
@@ -188,12 +203,16 @@ impl DeviceState {
                     self.device.unit,
                     reason.as_deref().unwrap_or("no blocks")
                 );
+                let event = self.event("device_offline", reason.as_deref());
                 self.offline = reason;
+                return Some(event);
             }
-            return;
+            return None;
         }
+        let mut event = None;
         if self.offline.take().is_some() {
             log::info!(target: "poll", "device {name}: responding again after {} failed polls", self.failures);
+            event = Some(self.event("device_online", None));
         }
         self.failures = 0;
         for (b, reply) in result.replies.iter().enumerate() {
@@ -213,6 +232,7 @@ impl DeviceState {
                 }
             }
         }
+        event
     }
 
     /// Applies the report policy to one poll's values.
@@ -310,18 +330,18 @@ fn changed(last: Option<&Value>, new: &Value, deadband: f64) -> bool {
 pub struct Poller {
     bus: Bus,
     devices: Vec<DeviceState>,
-    readings: mpsc::Sender<Reading>,
+    uplink: mpsc::Sender<Record>,
     jobs: mpsc::Receiver<Job>,
     dropped: u64,
 }
 
 impl Poller {
-    /// A poller for `devices` on `bus`; returns it with the sender for
-    /// downlink jobs.
+    /// A poller for `devices` on `bus` that sends readings and events to
+    /// `uplink`; returns it with the sender for downlink jobs.
     pub fn new(
         bus: Bus,
         devices: Vec<Device>,
-        readings: mpsc::Sender<Reading>,
+        uplink: mpsc::Sender<Record>,
     ) -> (Self, mpsc::Sender<Job>) {
         let (job_tx, jobs) = mpsc::channel(64);
         let start = Instant::now();
@@ -335,33 +355,30 @@ impl Poller {
         let poller = Self {
             bus,
             devices,
-            readings,
+            uplink,
             jobs,
             dropped: 0,
         };
         (poller, job_tx)
     }
 
-    /// Polls until `shutdown` turns true.
+    /// Polls (and runs downlink jobs) until `shutdown` turns true. A bus
+    /// without devices (a stream's, or a transparent one) only runs jobs.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        if self.devices.is_empty() {
-            crate::stopped(&mut shutdown).await;
-            return;
-        }
         loop {
-            let (index, due) = self
+            let next = self
                 .devices
                 .iter()
                 .enumerate()
                 .map(|(i, d)| (i, d.next_due))
-                .min_by_key(|&(_, due)| due)
-                .unwrap_or((0, Instant::now()));
+                .min_by_key(|&(_, due)| due);
+            let (index, due) = next.unwrap_or((0, Instant::now()));
             tokio::select! {
                 biased;
                 () = crate::stopped(&mut shutdown) => return,
                 Some(job) = self.jobs.recv() => job(&mut self.bus).await,
                 // A poll full of timeouts can take seconds: shutdown cuts it short.
-                () = sleep_until(due) => tokio::select! {
+                () = sleep_until(due), if next.is_some() => tokio::select! {
                     biased;
                     () = crate::stopped(&mut shutdown) => return,
                     () = self.poll(index) => {}
@@ -382,16 +399,15 @@ impl Poller {
         .await;
         let now = Instant::now();
         let values = result.values(&state.device.points, &state.blocks);
-        state.record(&result);
+        let event = state.record(&result);
         state.replan(&result);
         let reading = state.report(values, taken, now);
         state.schedule_next(now);
-        if let Some(reading) = reading {
-            if let Err(e) = self.readings.try_send(reading) {
+        let device = state.device.name.clone();
+        for record in event.into_iter().chain(reading.map(Record::from)) {
+            if self.uplink.try_send(record).is_err() {
                 self.dropped += 1;
-                log::warn!(target: "poll", "uplink queue full: reading of {} dropped ({} so far)", match &e {
-                    mpsc::error::TrySendError::Full(r) | mpsc::error::TrySendError::Closed(r) => r.device.as_str(),
-                }, self.dropped);
+                log::warn!(target: "poll", "uplink queue full: a record of {device} dropped ({} so far)", self.dropped);
             }
         }
     }

@@ -19,6 +19,7 @@ pub struct Seen {
     pub at: Instant,
     pub topic: String,
     pub payload: Value,
+    pub raw: Vec<u8>,
 }
 
 /// A broker on a free loopback port.
@@ -28,9 +29,10 @@ pub fn broker() -> u16 {
     port
 }
 
-/// Records every message on `#` at `port`.
+/// Records every message on `#` at `port`, and publishes as the platform.
 pub struct Subscriber {
     seen: Arc<Mutex<Vec<Seen>>>,
+    client: AsyncClient,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -55,7 +57,6 @@ impl Subscriber {
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let mut ready_tx = Some(ready_tx);
         let task = tokio::spawn(async move {
-            let _client = client;
             loop {
                 match events.poll().await {
                     Ok(Event::Incoming(Packet::SubAck(_))) => {
@@ -71,6 +72,7 @@ impl Subscriber {
                             at: Instant::now(),
                             topic: p.topic,
                             payload,
+                            raw: p.payload.to_vec(),
                         });
                     }
                     Ok(_) => {}
@@ -82,7 +84,15 @@ impl Subscriber {
             .await
             .expect("subscribed within 5 s")
             .expect("subscriber alive");
-        Self { seen, task }
+        Self { seen, client, task }
+    }
+
+    /// Publishes as the platform would (QoS 1).
+    pub async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.into())
+            .await
+            .expect("publish");
     }
 
     pub fn all(&self) -> Vec<Seen> {
