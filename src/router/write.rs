@@ -146,11 +146,6 @@ pub async fn execute(bus: &mut Bus, plan: &WritePlan) -> Result<Option<Reading>,
             (Area::Coil, Value::Bool(on)) => {
                 coils.insert(point.address, (*on, name));
             }
-            (_, Value::Text(text)) => {
-                for (i, word) in codec::encode_text(point, text).into_iter().enumerate() {
-                    words.insert(point.address + i as u16, (word, name));
-                }
-            }
             _ => {
                 let current = match (point.kind, words.get(&point.address)) {
                     (Kind::RegisterBit(_), Some((word, _))) => *word,
