@@ -29,12 +29,17 @@ fn ms(d: Duration) -> f64 {
 /// The config: the target device (unit 100, one writable register, polled
 /// once a minute), plus the 4 x 50 map polled continuously when `busy`.
 fn config_text(busy: bool, broker: u16, port: &Path, data_dir: &Path) -> String {
-    let map = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/bench-4x50.toml"))
-        .expect("bench map");
+    let map = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/bench-4x50.toml"),
+    )
+    .expect("bench map");
     let (head, devices) = map.split_once("[[device]]").expect("devices");
     let mut text = head
         .replace("port = 1883", &format!("port = {broker}"))
-        .replace("profile = \"generic\"", "profile = \"generic\"\ntopic_prefix = \"bench\"")
+        .replace(
+            "profile = \"generic\"",
+            "profile = \"generic\"\ntopic_prefix = \"bench\"",
+        )
         .replace("/dev/ttyUSB0", &port.display().to_string())
         .replace("/tmp/fieldgate-bench", &data_dir.display().to_string());
     if busy {
@@ -50,10 +55,18 @@ async fn run(busy: bool) {
     fieldgate::broker::start(broker).unwrap();
     let config_path = work.path().join("fieldgate.toml");
     // The simulator needs the config's devices; the pty path is filled in after.
-    let draft = config::parse(&config_path, &config_text(busy, broker, Path::new("/dev/null"), work.path())).unwrap();
+    let draft = config::parse(
+        &config_path,
+        &config_text(busy, broker, Path::new("/dev/null"), work.path()),
+    )
+    .unwrap();
     let slaves = Slaves::for_devices(&draft.devices).with_wire_time(&draft.buses[0]);
     let pty = slaves.serve().unwrap();
-    std::fs::write(&config_path, config_text(busy, broker, &pty.path, work.path())).unwrap();
+    std::fs::write(
+        &config_path,
+        config_text(busy, broker, &pty.path, work.path()),
+    )
+    .unwrap();
     let longest = draft
         .devices
         .iter()
@@ -68,7 +81,8 @@ async fn run(busy: bool) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let (client, mut events) = AsyncClient::new(MqttOptions::new("bench-platform", "127.0.0.1", broker), 16);
+    let (client, mut events) =
+        AsyncClient::new(MqttOptions::new("bench-platform", "127.0.0.1", broker), 16);
     tokio::spawn(async move { while events.poll().await.is_ok() {} });
 
     let write_at = |value: u16| {
@@ -81,12 +95,23 @@ async fn run(busy: bool) {
     // Warm up until the gateway is subscribed and writing.
     let start = Instant::now();
     loop {
-        client.publish("bench/target/set", QoS::AtLeastOnce, false, r#"{"sp": 60000}"#).await.unwrap();
+        client
+            .publish(
+                "bench/target/set",
+                QoS::AtLeastOnce,
+                false,
+                r#"{"sp": 60000}"#,
+            )
+            .await
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
         if write_at(60000).is_some() {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(20), "the gateway never wrote");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the gateway never wrote"
+        );
     }
     let mut latencies = Vec::new();
     for value in 1..=WRITES {
@@ -94,14 +119,22 @@ async fn run(busy: bool) {
         tokio::time::sleep(Duration::from_millis(37 + u64::from(value % 7) * 11)).await;
         let sent = Instant::now();
         client
-            .publish("bench/target/set", QoS::AtLeastOnce, false, format!("{{\"sp\": {value}}}"))
+            .publish(
+                "bench/target/set",
+                QoS::AtLeastOnce,
+                false,
+                format!("{{\"sp\": {value}}}"),
+            )
             .await
             .unwrap();
         let arrived = loop {
             if let Some(at) = write_at(value) {
                 break at;
             }
-            assert!(sent.elapsed() < Duration::from_secs(5), "write {value} never arrived");
+            assert!(
+                sent.elapsed() < Duration::from_secs(5),
+                "write {value} never arrived"
+            );
             tokio::time::sleep(Duration::from_millis(1)).await;
         };
         latencies.push(arrived.saturating_duration_since(sent));
@@ -125,7 +158,10 @@ async fn run(busy: bool) {
 }
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     runtime.block_on(run(false));
     runtime.block_on(run(true));
 }

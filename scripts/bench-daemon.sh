@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs `fieldgate run` against `fieldgate simulate --wire-time` (the 4 x 50
 # point bench map) and a local mosquitto for DURATION seconds, then reports
-# the daemon's RSS and CPU seconds. Usage: scripts/bench-daemon.sh [SECONDS] [BAUD] [POLL]
+# the daemon's RSS, CPU seconds and bytes written to disk. Usage: scripts/bench-daemon.sh [SECONDS] [BAUD] [POLL]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 duration=${1:-600} baud=${2:-9600} poll=${3:-2s}
@@ -31,8 +31,10 @@ read -r utime stime < <(awk '{print $14, $15}' "/proc/$pid/stat")
 rss=$(awk '/VmRSS/{print $2}' "/proc/$pid/status")
 hwm=$(awk '/VmHWM/{print $2}' "/proc/$pid/status")
 msgs=$(wc -l < "$work/received")
+written=$(awk '/^write_bytes/{print $2}' "/proc/$pid/io")
 echo "duration_s=$duration baud=$baud poll=$poll"
 echo "messages_received=$msgs"
 echo "rss_kib=$rss peak_rss_kib=$hwm"
 echo "cpu_s=$(echo "scale=2; ($utime + $stime) / $tck" | bc) (user $(echo "scale=2; $utime/$tck" | bc), system $(echo "scale=2; $stime/$tck" | bc))"
+echo "disk_write_bytes=$written ($(echo "scale=1; $written / ($msgs + 1)" | bc) per message)"
 echo "warnings_logged=$(grep -c WARN "$work/run.log" || true)"

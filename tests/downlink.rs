@@ -745,5 +745,83 @@ async fn ten_thousand_hostile_payloads_write_nothing() {
         + rig.gw.log_lines("frame not sent").len()
         + rig.gw.log_lines("unknown command method").len()
         + rig.gw.log_lines("unknown stream").len();
-    assert_eq!(examined, sent_to_gateway, "each payload was refused and logged");
+    assert_eq!(
+        examined, sent_to_gateway,
+        "each payload was refused and logged"
+    );
+}
+
+/// The generic profile's twins (SPEC §6): `<prefix>/<device>/set`,
+/// `<prefix>/command/<id>` → `…/reply`, `<prefix>/stream/<name>/set` →
+/// `<prefix>/stream/<name>`, events on `<prefix>/event`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generic_profile_downlink() {
+    let slaves = Slaves::new();
+    slaves.unit(1, |u| {
+        u.holding.insert(0, 0x1234);
+        u.holding.insert(1, 0x5678);
+    });
+    slaves.unit(2, |_| ());
+    let pty = slaves.serve().unwrap();
+    let port = broker();
+    let platform = Subscriber::connect(port).await;
+    let config = header(port, &pty.path, "").replace(
+        "access_token = \"token\"\nproject_key = \"key\"",
+        "profile = \"generic\"\ntopic_prefix = \"site/gw\"",
+    ) + &plc_and_pump("30s")
+        + COMMANDS
+        + STREAMS;
+    let _gw = Gateway::start(&config);
+    platform
+        .wait_until(Duration::from_secs(10), "first report", |s| {
+            !payloads(s, "site/gw/plc/attributes").is_empty()
+        })
+        .await;
+
+    platform
+        .publish("site/gw/plc/set", r#"{"setpoint": 12.5}"#)
+        .await;
+    platform.publish("site/gw/sub/set", r#"{"speed": 7}"#).await;
+    platform
+        .publish("site/gw/command/c1", r#"{"method": "pump", "params": {}}"#)
+        .await;
+    platform
+        .publish("site/gw/stream/hex/set", "01 03 00 00 00 02 C4 0B")
+        .await;
+    platform.publish("site/gw/plc/set", r#"{"temp": 1}"#).await;
+    let seen = platform
+        .wait_until(Duration::from_secs(10), "the replies", |s| {
+            !payloads(s, "site/gw/command/c1/reply").is_empty()
+                && !payloads(s, "site/gw/stream/hex").is_empty()
+                && !payloads(s, "site/gw/event").is_empty()
+                && payloads(s, "site/gw/sub/attributes")
+                    .iter()
+                    .any(|p| p["values"] == json!({"speed": 7}))
+        })
+        .await;
+    assert_eq!(
+        payloads(&seen, "site/gw/command/c1/reply"),
+        [json!({"method": "pump", "params": {"ok": true}})]
+    );
+    assert_eq!(
+        payloads(&seen, "site/gw/stream/hex"),
+        [json!("01 03 04 12 34 56 78 81 07")]
+    );
+    let event = &payloads(&seen, "site/gw/event")[0];
+    assert_eq!(event["method"], "write_rejected");
+    assert_eq!(event["params"]["attribute"], "temp");
+    assert!(event["ts"].as_u64().is_some(), "{event}");
+    let plc = payloads(&seen, "site/gw/plc/attributes");
+    assert!(
+        plc.iter().any(|p| p["values"] == json!({"setpoint": 12.5})),
+        "{plc:?}"
+    );
+    assert_eq!(
+        writes(&slaves),
+        [
+            (1, Request::WriteRegister(10, 125)),
+            (2, Request::WriteRegister(3, 7)),
+            (2, Request::WriteRegister(3, 40)),
+        ]
+    );
 }
