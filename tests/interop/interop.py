@@ -79,13 +79,18 @@ reg_point("v_i64_badc", "input", 32, "i64", ">q", -5_000_000_000, order="BADC")
 reg_point("t_scaled", "holding", 0, "i16", ">h", -4, extra="scale = 0.5\noffset = -10.0", expect=-4 * 0.5 - 10.0)
 reg_point("status", "holding", 1, "u16", ">H", 0b1000_0000_0000_1000)
 POINTS.append(("alarm", "holding", 1, "bool", "ABCD", "bit = 3", None, True))
-POINTS.append(("fault", "holding", 1, "bool", "ABCD", "bit = 0", None, False))
+POINTS.append(("fault", "holding", 1, "bool", "ABCD", "bit = 0\nwritable = true", None, False))
 POINTS.append(("top", "holding", 1, "bool", "ABCD", "bit = 15", None, True))
 text = b"FG-7\x00junk"
 POINTS.append(("model", "holding", 40, "string", "ABCD", "length = 4",
                [int.from_bytes(text[i:i + 2], "big") for i in range(0, 8, 2)], "FG-7"))
-POINTS.append(("relay1", "coil", 0, "bool", "ABCD", "", [True], True))
-POINTS.append(("relay2", "coil", 1, "bool", "ABCD", "", [False], False))
+POINTS.append(("relay1", "coil", 0, "bool", "ABCD", "writable = true", [True], True))
+POINTS.append(("relay2", "coil", 1, "bool", "ABCD", "writable = true", [False], False))
+# Setpoints the downlink phase writes (contiguous 60..64 on the slave).
+reg_point("sp_f32_cdab", "holding", 60, "f32", ">f", 20.0, order="CDAB", extra="writable = true")
+reg_point("sp_scaled", "holding", 62, "i16", ">h", 500, extra="scale = 0.1\noffset = -40.0\nwritable = true",
+          expect=500 * 0.1 - 40.0)
+reg_point("sp_u32_dcba", "holding", 63, "u32", ">I", 1, order="DCBA", extra="writable = true")
 POINTS.append(("door", "discrete", 5, "bool", "ABCD", "", [True], True))
 
 # Pump (unit 2, a sub-device with key).
@@ -127,6 +132,20 @@ def close_enough(got, want):
         return isinstance(got, int) and not isinstance(got, bool) and got == want
     # f32 values are reported as their shortest decimal form; allow f32 precision.
     return isinstance(got, (int, float)) and math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-9)
+
+
+def crc16(data):
+    """CRC-16/MODBUS, written here from the spec, not taken from fieldgate."""
+    crc = 0xFFFF
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
+    return bytes([crc & 0xFF, crc >> 8])
+
+
+def frame(*body):
+    return bytes(body) + crc16(bytes(body))
 
 
 def free_port():
@@ -301,8 +320,84 @@ key = "pump-001"
             log = f.read()
         check(f"{profile}: gapless fallback taken for pymodbus' unmapped gaps", "gapless" in log, log[-2000:])
         platform.stop()
+    downlink(work, base, profiles["thingscloud"])
     print(f"{RESULTS['passed']} passed, {RESULTS['failed']} failed")
     return 1 if RESULTS["failed"] else 0
+
+
+def downlink(work, base, platform_toml):
+    """Writes through mosquitto to pymodbus; what landed in pymodbus' memory
+    is read with raw FC03/FC01 frames built here and compared with struct."""
+    config = f"{work}/downlink.toml"
+    with open(config, "w") as f:
+        f.write(platform_toml + base + """
+[[command]]
+name = "relay_off"
+device = "meter"
+write = [ { point = "relay1", value = false } ]
+
+[[stream]]
+name = "raw"
+bus = "rs485-1"
+encoding = "hex"
+""")
+    platform = Platform(int(platform_toml.split("port = ")[1].split()[0]))
+    time.sleep(0.3)
+    gateway = run_gateway(config, f"{work}/downlink.log")
+    first = platform.wait("attributes")
+    check("downlink: gateway reporting", first is not None)
+    publish = lambda topic, payload: platform.client.publish(topic, payload, qos=1).wait_for_publish(5)
+
+    def raw(request, expect_len):
+        """Sends a raw frame; returns the reply frame (CRC checked here)."""
+        with platform.lock:
+            platform.messages = [m for m in platform.messages if m[0] != "data/raw"]
+        publish("data/raw/set", request.hex(" "))
+        reply = platform.wait("data/raw")
+        reply = bytes.fromhex(reply.decode()) if reply else b""
+        check(f"downlink: raw {request[:2].hex()} reply has a valid CRC",
+              len(reply) == expect_len and crc16(reply[:-2]) == reply[-2:], reply.hex(" "))
+        return reply
+
+    publish("attributes/push", json.dumps(
+        {"sp_f32_cdab": 21.75, "sp_scaled": -12.5, "sp_u32_dcba": 3_000_000_000, "fault": True, "relay2": True}))
+    back = platform.wait("attributes", lambda p: json.loads(p).get("sp_f32_cdab") == 21.75)
+    check("downlink: read-back report", back is not None and json.loads(back) ==
+          {"sp_f32_cdab": 21.75, "sp_scaled": -12.5, "sp_u32_dcba": 3_000_000_000, "fault": True, "relay2": True},
+          back)
+    want = ordered(words(">f", 21.75), "CDAB") + words(">h", round((-12.5 + 40.0) / 0.1)) \
+        + ordered(words(">I", 3_000_000_000), "DCBA")
+    reply = raw(frame(1, 0x03, 0, 60, 0, 5), 5 + 10)
+    got = [int.from_bytes(reply[3 + 2 * i:5 + 2 * i], "big") for i in range(5)] if len(reply) == 15 else None
+    check("downlink: registers in pymodbus equal struct's encoding", got == want, f"{got} != {want}")
+    reply = raw(frame(1, 0x03, 0, 1, 0, 1), 7)
+    check("downlink: bit 0 set by read-modify-write, other bits kept",
+          reply[3:5] == (0b1000_0000_0000_1001).to_bytes(2, "big"), reply.hex(" "))
+    reply = raw(frame(1, 0x01, 0, 0, 0, 2), 6)
+    check("downlink: coils after the push", reply[3:4] == bytes([0b11]), reply.hex(" "))
+    publish("command/send/7", json.dumps({"method": "relay_off", "params": {}, "id": 7}))
+    answer = platform.wait("command/reply/7")
+    check("downlink: command reply", answer is not None and json.loads(answer) ==
+          {"method": "relay_off", "params": {"ok": True}}, answer)
+    reply = raw(frame(1, 0x01, 0, 0, 0, 2), 6)
+    check("downlink: the command cleared relay1", reply[3:4] == bytes([0b10]), reply.hex(" "))
+    publish("attributes/push", json.dumps({"sp_scaled": 4000}))  # raw 40400: not an i16
+    bad = frame(1, 0x06, 0, 60, 0, 1)
+    publish("data/raw/set", (bad[:-1] + bytes([bad[-1] ^ 0xFF])).hex())
+    time.sleep(1.0)
+    with platform.lock:
+        methods = [json.loads(p)["method"] for t, p, r in platform.messages if t.startswith("event/report/")]
+    check("downlink: out-of-range push and bad-CRC frame rejected by events",
+          methods.count("write_rejected") == 1 and methods.count("frame_rejected") == 1, methods)
+    reply = raw(frame(1, 0x03, 0, 60, 0, 5), 5 + 10)
+    got = [int.from_bytes(reply[3 + 2 * i:5 + 2 * i], "big") for i in range(5)] if len(reply) == 15 else None
+    check("downlink: rejected requests wrote nothing", got == want, f"{got} != {want}")
+    gateway.send_signal(signal.SIGTERM)
+    try:
+        gateway.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        gateway.kill()
+    platform.stop()
 
 
 if __name__ == "__main__":
