@@ -115,8 +115,10 @@ async fn run(busy: bool) {
     }
     let mut latencies = Vec::new();
     for value in 1..=WRITES {
-        // Spread over the poll cycle so writes land at every phase of it.
-        tokio::time::sleep(Duration::from_millis(37 + u64::from(value % 7) * 11)).await;
+        // Apart enough that a write's own read-back has finished (an idle
+        // bus stays idle), irregular so writes land at every phase of the
+        // busy bus's poll cycle.
+        tokio::time::sleep(Duration::from_millis(150 + u64::from(value % 7) * 13)).await;
         let sent = Instant::now();
         client
             .publish(

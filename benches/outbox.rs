@@ -81,7 +81,9 @@ async fn drain(outbox: Arc<Outbox>, config: &config::Config, producer: Option<u6
     let platform = config.platform.clone().unwrap();
     let publisher = {
         let outbox = outbox.clone();
-        tokio::spawn(async move { platform::run("bench", &platform, outbox, None, stop).await })
+        tokio::spawn(async move {
+            platform::run("bench", &platform, outbox, None, Default::default(), stop).await
+        })
     };
     let start = Instant::now();
     if let Some(n) = producer {

@@ -58,19 +58,55 @@ enum Command {
     },
 }
 
+/// To the journal when systemd connected stderr to it (JOURNAL_STREAM), with
+/// key-value fields such as DEVICE= and BUS=; to stderr otherwise.
 /// `RUST_LOG` wins. The default keeps the embedded broker quiet, and sled's
 /// own I/O error lines (the outbox reports those once, in its own words).
 fn init_logging(level: &str) {
-    let default = format!("{level},rumqttd=off,tracing=off,sled=off");
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))
+    let spec = std::env::var("RUST_LOG")
+        .unwrap_or_else(|_| format!("{level},rumqttd=off,tracing=off,sled=off"));
+    if systemd_journal_logger::connected_to_journal() {
+        if let Ok(journal) = systemd_journal_logger::JournalLog::new() {
+            let filter = env_filter::Builder::new().parse(&spec).build();
+            log::set_max_level(filter.filter());
+            let journal = journal.with_syslog_identifier("fieldgate".into());
+            if log::set_boxed_logger(Box::new(Filtered { filter, journal })).is_ok() {
+                return;
+            }
+        }
+    }
+    env_logger::Builder::new()
+        .parse_filters(&spec)
         .format_timestamp_millis()
         .init();
+}
+
+/// The journal logger behind `RUST_LOG`'s filter.
+struct Filtered {
+    filter: env_filter::Filter,
+    journal: systemd_journal_logger::JournalLog,
+}
+
+impl log::Log for Filtered {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        self.filter.enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record) {
+        if self.filter.matches(record) {
+            log::Log::log(&self.journal, record);
+        }
+    }
+
+    fn flush(&self) {}
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let load = || config::load(&cli.config);
     match cli.command {
-        Command::Run => daemon::run(load()?, daemon::shutdown_on_signals()?).await,
+        Command::Run => {
+            daemon::run(Some(&cli.config), load()?, daemon::shutdown_on_signals()?).await
+        }
         Command::Check => {
             let config = load()?;
             let (report, _warnings) =

@@ -31,8 +31,11 @@ pub const FLUSH_EVERY: Duration = Duration::from_millis(500);
 pub const SEGMENT_BYTES: u64 = 64 * 1024;
 /// Page cache for sled; the outbox is written and read sequentially.
 const CACHE_BYTES: u64 = 2 * 1024 * 1024;
-/// How often the daemon rewrites the status file read by `fieldgate buffer`.
+/// How often the daemon rewrites the status file read by `fieldgate buffer`
+/// when its figures changed, and at least how often otherwise (so `buffer`
+/// can tell a stale file from a quiet outbox without wearing the SD card).
 const STATUS_EVERY: Duration = Duration::from_secs(2);
+const STATUS_UNCHANGED_EVERY: Duration = Duration::from_secs(60);
 const STATUS_FILE: &str = "outbox-status.json";
 /// At most one "dropped" warning per this interval, with the count since.
 const DROP_LOG_EVERY: Duration = Duration::from_secs(10);
@@ -622,15 +625,34 @@ impl Outbox {
     /// fresh, until the process ends.
     pub async fn maintain(&self) {
         let mut tick = tokio::time::interval(FLUSH_EVERY);
-        let mut status_at = Instant::now();
+        let mut written: Option<(Stats, Instant)> = None;
         loop {
             tick.tick().await;
             if let Err(e) = self.seal_and_flush().await {
                 log::debug!(target: "outbox", "{e}");
             }
-            if status_at.elapsed() >= STATUS_EVERY {
+            let stats = self.stats();
+            let due = match &written {
+                None => true,
+                Some((last, at)) => {
+                    let changed = Stats {
+                        at_ms: 0,
+                        ..stats.clone()
+                    } != Stats {
+                        at_ms: 0,
+                        ..last.clone()
+                    };
+                    at.elapsed()
+                        >= if changed {
+                            STATUS_EVERY
+                        } else {
+                            STATUS_UNCHANGED_EVERY
+                        }
+                }
+            };
+            if due {
                 self.write_status();
-                status_at = Instant::now();
+                written = Some((stats, Instant::now()));
             }
         }
     }

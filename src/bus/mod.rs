@@ -260,7 +260,7 @@ impl Bus {
                 let reason = format!("cannot open {}: {e}", self.config.port);
                 // Logged when the outage starts, not at every reopen attempt.
                 if self.down.is_none() {
-                    log::error!(target: "bus", "bus {}: {reason}; retrying with backoff up to {}s", self.config.name, REOPEN_MAX.as_secs());
+                    log::error!(target: "bus", bus = self.config.name.as_str(); "bus {}: {reason}; retrying with backoff up to {}s", self.config.name, REOPEN_MAX.as_secs());
                 } else {
                     log::debug!(target: "bus", "bus {}: {reason}", self.config.name);
                 }
@@ -386,7 +386,7 @@ impl Bus {
             io::ErrorKind::InvalidData => TxError::Mismatch(e.to_string()),
             _ => {
                 let reason = format!("{} failed: {e}", self.config.port);
-                log::error!(target: "bus", "bus {}: {reason}; reopening", self.config.name);
+                log::error!(target: "bus", bus = self.config.name.as_str(); "bus {}: {reason}; reopening", self.config.name);
                 self.port_lost(reason.clone());
                 TxError::Port(reason)
             }

@@ -63,7 +63,7 @@ pub async fn run() -> anyhow::Result<()> {
     let shutdown = daemon::shutdown_on_signals()?;
     let daemon_config = config.clone();
     tokio::select! {
-        result = daemon::run(daemon_config, shutdown) => result?,
+        result = daemon::run(None, daemon_config, shutdown) => result?,
         () = simulate::animate(&config, &lines) => {}
     }
     printer.abort();

@@ -57,13 +57,13 @@ impl Config {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Gateway {
     pub id: String,
     pub data_dir: PathBuf,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Platform {
     pub profile: Profile,
     pub host: String,
@@ -74,7 +74,7 @@ pub struct Platform {
     pub max_publish_rate: Option<f64>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Profile {
     ThingsCloud {
         access_token: String,
@@ -87,13 +87,13 @@ pub enum Profile {
     },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Tls {
     /// `None`: the system's root certificates.
     pub ca_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Buffer {
     pub max_bytes: u64,
 }

@@ -5,6 +5,7 @@
 
 pub mod profile;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -188,10 +189,15 @@ pub async fn run(
     platform: &Platform,
     outbox: Arc<Outbox>,
     downlink: Option<mpsc::Sender<Incoming>>,
+    connected_flag: Arc<AtomicBool>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let options = mqtt_options(gateway_id, platform)?;
     let (client, mut eventloop) = AsyncClient::new(options, WINDOW + 8);
+    // Small packets (PUBACKs, downlink) must not wait for Nagle's algorithm.
+    let mut network = eventloop.network_options();
+    network.set_tcp_nodelay(true);
+    eventloop.set_network_options(network);
     let status = profile::status_topic(&platform.profile);
     let spacing = platform
         .max_publish_rate
@@ -217,6 +223,7 @@ pub async fn run(
                     backoff = RECONNECT_MIN;
                     last_error = None;
                     connected = true;
+                    connected_flag.store(true, Ordering::Relaxed);
                     if let Some(topic) = &status {
                         window.unassigned.push_back(Vec::new());
                         let _ = client.try_publish(topic, QoS::AtLeastOnce, true, "online");
@@ -254,6 +261,7 @@ pub async fn run(
                     eventloop.pending.clear();
                     window.clear();
                     connected = false;
+                    connected_flag.store(false, Ordering::Relaxed);
                     queue.rewind();
                     next = None;
                     let text = describe(&e);

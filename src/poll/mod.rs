@@ -199,6 +199,7 @@ impl DeviceState {
             if self.offline.is_none() {
                 log::warn!(
                     target: "poll",
+                    device = name.as_str(), bus = self.device.bus.as_str(), unit = self.device.unit.get();
                     "device {name} (unit {}): not responding: {}",
                     self.device.unit,
                     reason.as_deref().unwrap_or("no blocks")
@@ -211,7 +212,7 @@ impl DeviceState {
         }
         let mut event = None;
         if self.offline.take().is_some() {
-            log::info!(target: "poll", "device {name}: responding again after {} failed polls", self.failures);
+            log::info!(target: "poll", device = name.as_str(), bus = self.device.bus.as_str(), unit = self.device.unit.get(); "device {name}: responding again after {} failed polls", self.failures);
             event = Some(self.event("device_online", None));
         }
         self.failures = 0;
@@ -221,7 +222,7 @@ impl DeviceState {
             if self.block_state.get(b) != Some(&state) {
                 match err {
                     Some(e) => {
-                        log::warn!(target: "poll", "device {name}: cannot read {}: {e}", self.block_label(b))
+                        log::warn!(target: "poll", device = name.as_str(), bus = self.device.bus.as_str(); "device {name}: cannot read {}: {e}", self.block_label(b))
                     }
                     None => {
                         log::info!(target: "poll", "device {name}: {} readable again", self.block_label(b))

@@ -103,13 +103,13 @@ impl Router {
                 Box::pin(async move {
                     match write::execute(bus, &plan).await {
                         Ok(reading) => {
-                            log::info!(target: "router", "device {}: wrote {}", plan.device.name, names(&plan));
+                            log::info!(target: "router", device = plan.device.name.as_str(); "device {}: wrote {}", plan.device.name, names(&plan));
                             if let Some(reading) = reading {
                                 outbox.push(&reading.into());
                             }
                         }
                         Err(e) => {
-                            log::warn!(target: "router", "device {}: {e}", plan.device.name);
+                            log::warn!(target: "router", device = plan.device.name.as_str(); "device {}: {e}", plan.device.name);
                             outbox.push(&Record::event(
                                 "write_failed",
                                 json!({ "device": plan.device.name, "error": e.to_string() }),
