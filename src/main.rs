@@ -65,7 +65,8 @@ enum Command {
 fn init_logging(level: &str) {
     let spec = std::env::var("RUST_LOG")
         .unwrap_or_else(|_| format!("{level},rumqttd=off,tracing=off,sled=off"));
-    if systemd_journal_logger::connected_to_journal() {
+    let journald = std::path::Path::new("/run/systemd/journal/socket").exists();
+    if journald && systemd_journal_logger::connected_to_journal() {
         if let Ok(journal) = systemd_journal_logger::JournalLog::new() {
             let filter = env_filter::Builder::new().parse(&spec).build();
             log::set_max_level(filter.filter());

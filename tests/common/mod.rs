@@ -182,6 +182,24 @@ impl Gateway {
         let _ = self.child.wait();
     }
 
+    /// Sends `signal` (SIGHUP, SIGTERM …) to the process.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, signal).expect("signal");
+    }
+
+    /// Waits up to `limit` for the process to exit; its status if it did.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     /// Starts the same config and data directory again.
     pub fn restart(&mut self) {
         self.child = Self::spawn(self.dir.path(), &self.log);
