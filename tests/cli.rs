@@ -20,7 +20,7 @@ fn repo(path: &str) -> String {
 }
 
 #[test]
-fn six_invalid_configs_exit_2_naming_file_line_and_column() {
+fn invalid_configs_exit_2_naming_file_line_and_column() {
     let cases = [
         ("unknown_key", "16:1", "unknown field `adress`"),
         ("duplicate_point", "20:8", "duplicate point \"voltage\""),
@@ -28,6 +28,11 @@ fn six_invalid_configs_exit_2_naming_file_line_and_column() {
         ("bit_on_coil", "18:7", "a coil is already a single bit"),
         ("unit_zero", "11:8", "unit 0 is not a valid slave id"),
         ("writable_input", "19:12", "an input register is read-only"),
+        (
+            "shared_port",
+            "10:8",
+            "two buses cannot share a serial port",
+        ),
     ];
     for (name, place, message) in cases {
         let path = repo(&format!("tests/configs/invalid/{name}.toml"));

@@ -244,3 +244,26 @@ fn logs_go_to_the_journal_only_when_systemd_connected_stderr_to_it() {
         assert!(offline.contains(field), "{field} in {offline}");
     }
 }
+
+/// A port already owned by a running fieldgate is refused to a second
+/// process with a clear error, even for root (TIOCEXCL alone does not stop
+/// root; serialport's flock does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_on_the_same_port_gets_a_clear_error() {
+    let slaves = Slaves::new();
+    slaves.unit(1, |u| u.holding.insert(0, 5));
+    let rig = Rig::start(&slaves, "", &device("meter", 1, "200ms", "", &[("a", U16)])).await;
+    rig.wait_for("attributes", 1, Duration::from_secs(10)).await;
+    let out = rig.gw.command(&["read", "meter"]);
+    assert!(
+        out.contains("cannot open") && out.contains("exclusive lock"),
+        "{out}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = rig.platform.on("attributes").len();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        rig.platform.on("attributes").len() > before,
+        "the owner keeps polling"
+    );
+}

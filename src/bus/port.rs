@@ -10,9 +10,10 @@ use tokio_serial::{ClearBuffer, SerialPort, SerialPortBuilderExt, SerialStream};
 
 use crate::config::{self, Parity};
 
-/// Opens `bus.port` in raw mode with the bus's line settings. The port is
-/// opened exclusively (TIOCEXCL + flock), so a second opener gets an error
-/// instead of interleaved frames.
+/// Opens `bus.port` in raw mode with the bus's line settings. serialport
+/// opens it exclusively (TIOCEXCL, which root bypasses, and a flock, which
+/// it does not), so a second opener gets "Unable to acquire exclusive lock
+/// on serial port" instead of interleaved frames.
 pub fn open(bus: &config::Bus) -> io::Result<SerialStream> {
     let data_bits = match bus.data_bits {
         5 => tokio_serial::DataBits::Five,

@@ -118,7 +118,7 @@ struct RawBuffer {
 #[serde(deny_unknown_fields)]
 struct RawBus {
     name: Spanned<String>,
-    port: String,
+    port: Spanned<String>,
     #[serde(default = "default_baud")]
     baud: Spanned<u32>,
     #[serde(default)]
@@ -363,9 +363,14 @@ impl RawConfig {
         };
 
         let mut bus_names = Unique::new("bus");
+        let mut bus_ports = Unique::new("port");
         let mut buses = Vec::new();
         for raw in self.buses {
             bus_names.insert(&raw.get_ref().name, "")?;
+            bus_ports.insert(
+                &raw.get_ref().port,
+                ": two buses cannot share a serial port",
+            )?;
             buses.push(convert_bus(raw.into_inner())?);
         }
 
@@ -571,7 +576,7 @@ fn convert_bus(raw: RawBus) -> Result<Bus> {
     };
     Ok(Bus {
         name,
-        port: raw.port,
+        port: raw.port.into_inner(),
         baud: *raw.baud.get_ref(),
         parity: match raw.parity {
             RawParity::None => Parity::None,
