@@ -29,7 +29,7 @@ deb=$(ls dist/fieldgate_*_amd64.deb)
 step "dpkg-deb: contents, modes, conffiles"
 contents=$(dpkg-deb -c "$deb")
 echo "$contents"
-for path in ./usr/bin/fieldgate ./etc/fieldgate/fieldgate.toml ./lib/systemd/system/fieldgate.service \
+for path in ./usr/bin/fieldgate ./etc/fieldgate/fieldgate.toml ./usr/lib/systemd/system/fieldgate.service \
             ./usr/share/doc/fieldgate/examples/fieldgate.toml ./usr/share/doc/fieldgate/README.md; do
     grep -q " $path\$" <<<"$contents" || fail "$path missing from $deb"
 done
@@ -48,7 +48,7 @@ id -nG fieldgate | tr ' ' '\n' | grep -qx dialout || fail "fieldgate is not in d
 [ "$(stat -c '%a' /usr/bin/fieldgate)" = "755" ] || fail "binary mode"
 /usr/bin/fieldgate --version
 /usr/bin/fieldgate --config /etc/fieldgate/fieldgate.toml check >/dev/null
-out=$(systemd-analyze verify /lib/systemd/system/fieldgate.service 2>&1) || fail "systemd-analyze verify: $out"
+out=$(systemd-analyze verify /usr/lib/systemd/system/fieldgate.service 2>&1) || fail "systemd-analyze verify: $out"
 [ -z "$out" ] || fail "systemd-analyze verify: $out"
 if [ -d /run/systemd/system ]; then
     systemctl is-enabled fieldgate | grep -qx enabled || fail "service not enabled"
