@@ -267,3 +267,58 @@ async fn a_second_process_on_the_same_port_gets_a_clear_error() {
         "the owner keeps polling"
     );
 }
+
+/// systemd's notify protocol: READY=1 once the config is loaded and the
+/// buses are open, then STATUS= with devices, outbox and uplink, and
+/// WATCHDOG=1 while every bus task runs its probe; STOPPING=1 on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tells_systemd_ready_status_and_watchdog() {
+    let slaves = Slaves::new();
+    slaves.unit(1, |u| u.holding.insert(0, 5));
+    let pty = slaves.serve().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("fieldgate.toml");
+    let text = header(broker(), &pty.path, "")
+        .replace("{data_dir}", &dir.path().join("data").display().to_string())
+        + &device("meter", 1, "200ms", "", &[("a", U16)]);
+    std::fs::write(&config, text).unwrap();
+    let socket_path = dir.path().join("notify");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fieldgate"))
+        .args(["--config", config.to_str().unwrap(), "run"])
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    // The first status goes out at start; the next (5 s on) sees the uplink
+    // up and the bus task's answer to the first watchdog probe.
+    while !seen
+        .iter()
+        .any(|m: &String| m.contains("uplink connected") && m.contains("WATCHDOG=1"))
+    {
+        let n = socket.recv(&mut buf).expect("notifications within 15 s");
+        seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, Signal::SIGTERM).unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    while let Ok(n) = socket.recv(&mut buf) {
+        seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        if seen.last().is_some_and(|m| m.contains("STOPPING=1")) {
+            break;
+        }
+    }
+    assert_eq!(seen[0], "READY=1\n", "{seen:?}");
+    assert!(
+        seen.iter()
+            .any(|m| m.starts_with("STATUS=1/1 devices online, outbox ")
+                && m.ends_with(" dropped), uplink connected\nWATCHDOG=1\n")),
+        "{seen:?}"
+    );
+    assert!(seen.iter().any(|m| m.contains("STOPPING=1")), "{seen:?}");
+}
