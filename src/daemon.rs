@@ -186,6 +186,8 @@ pub async fn run(
                     Ok(new) => {
                         field.stop().await;
                         field = Field::start(&new, &uplink_tx, &outbox);
+                        // Probes sent to the old pollers will never be answered.
+                        probes.clear();
                         if new.platform != config.platform {
                             if let Some(platform) = &new.platform {
                                 if let Err(e) = uplink.stop().await {
