@@ -73,6 +73,30 @@ async fn sighup_applies_a_valid_config_and_keeps_the_old_one_on_an_invalid_one()
         "an unchanged [platform] keeps its connection:\n{}",
         rig.gw.log()
     );
+
+    // A changed [platform] reconnects with the new settings; reports go on.
+    let text = std::fs::read_to_string(rig.gw.config_path()).unwrap();
+    std::fs::write(
+        rig.gw.config_path(),
+        text.replace("max_publish_rate = 0", "max_publish_rate = 50"),
+    )
+    .unwrap();
+    rig.gw.signal(Signal::SIGHUP);
+    let start = Instant::now();
+    while rig.gw.log_lines("connected to the broker").len() < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{}",
+            rig.gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before = rig.platform.on("attributes").len();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        rig.platform.on("attributes").len() > before,
+        "reporting after the reconnect"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
