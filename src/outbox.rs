@@ -636,12 +636,9 @@ impl Outbox {
                 None => true,
                 Some((last, at)) => {
                     let changed = Stats {
-                        at_ms: 0,
+                        at_ms: last.at_ms,
                         ..stats.clone()
-                    } != Stats {
-                        at_ms: 0,
-                        ..last.clone()
-                    };
+                    } != *last;
                     at.elapsed()
                         >= if changed {
                             STATUS_EVERY
@@ -651,7 +648,7 @@ impl Outbox {
                 }
             };
             if due {
-                self.write_status();
+                self.write_stats(&stats);
                 written = Some((stats, Instant::now()));
             }
         }
@@ -681,11 +678,15 @@ impl Outbox {
     /// Writes the figures `fieldgate buffer` shows while the daemon holds
     /// the store's lock.
     pub fn write_status(&self) {
+        self.write_stats(&self.stats());
+    }
+
+    fn write_stats(&self, stats: &Stats) {
         let Some(dir) = self.path.parent() else {
             return;
         };
         let tmp = dir.join(format!("{STATUS_FILE}.tmp"));
-        let json = serde_json::to_vec(&self.stats()).unwrap_or_default();
+        let json = serde_json::to_vec(stats).unwrap_or_default();
         if std::fs::write(&tmp, json).is_ok() {
             let _ = std::fs::rename(&tmp, dir.join(STATUS_FILE));
         }

@@ -25,6 +25,18 @@ pub enum Target {
     Any,
 }
 
+impl Target {
+    /// Whether `device` is one this target addresses.
+    pub fn addresses(&self, device: &crate::config::Device) -> bool {
+        match self {
+            Target::Own => device.key.is_none(),
+            Target::Key(k) => device.key.as_ref() == Some(k),
+            Target::Device(name) => &device.name == name,
+            Target::Any => true,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Downlink {
     /// Attribute writes, one object per addressed device.

@@ -149,12 +149,10 @@ impl Router {
         };
         let found = self.config.commands.iter().find(|c| {
             c.name == method
-                && self.config.device(&c.device).is_some_and(|d| match target {
-                    Target::Own => d.key.is_none(),
-                    Target::Key(k) => d.key.as_ref() == Some(k),
-                    Target::Device(name) => &d.name == name,
-                    Target::Any => true,
-                })
+                && self
+                    .config
+                    .device(&c.device)
+                    .is_some_and(|d| target.addresses(d))
         });
         let (Some(command), Some(device)) =
             (found, found.and_then(|c| self.config.device(&c.device)))

@@ -52,12 +52,7 @@ pub fn plan(
         let devices: Vec<&Device> = config
             .devices
             .iter()
-            .filter(|d| match target {
-                Target::Own => d.key.is_none(),
-                Target::Key(k) => d.key.as_ref() == Some(k),
-                Target::Device(name) => &d.name == name,
-                Target::Any => true,
-            })
+            .filter(|d| target.addresses(d))
             .collect();
         if devices.is_empty() {
             let what = match target {
