@@ -9,8 +9,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use fieldgate::bus::Request;
 use fieldgate::config;
+use fieldgate::modbus::Request;
 use fieldgate::poll::plan;
 use fieldgate::sim::Slaves;
 use rumqttc::{AsyncClient, MqttOptions, QoS};

@@ -6,12 +6,12 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fieldgate::config;
-use fieldgate::outbox::{Body, Outbox, Record};
+use fieldgate::outbox::{Outbox, Store};
 use fieldgate::platform;
+use fieldgate::record::{Body, Record};
 use tokio::sync::watch;
 
 fn record(i: u64) -> Record {
@@ -76,7 +76,7 @@ fn write_bytes() -> u64 {
 }
 
 /// Publishes until the outbox is empty; returns the time it took.
-async fn drain(outbox: Arc<Outbox>, config: &config::Config, producer: Option<u64>) -> Duration {
+async fn drain(outbox: Outbox, config: &config::Config, producer: Option<u64>) -> Duration {
     let (stop_tx, stop) = watch::channel(false);
     let platform = config.platform.clone().unwrap();
     let publisher = {
@@ -88,18 +88,22 @@ async fn drain(outbox: Arc<Outbox>, config: &config::Config, producer: Option<u6
     let start = Instant::now();
     if let Some(n) = producer {
         for i in 0..n {
-            outbox.push(&record(i));
+            outbox.append(record(i));
             if i % 256 == 0 {
                 tokio::task::yield_now().await;
             }
         }
     }
+    // The figures are refreshed at every flush (500 ms): what matters is
+    // the time the last acknowledgement was taken.
+    tokio::time::sleep(Duration::from_millis(600)).await;
     while outbox.stats().messages > 0 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let took = start.elapsed();
     stop_tx.send_replace(true);
     let _ = publisher.await;
+    outbox.close().await.unwrap();
     took
 }
 
@@ -125,8 +129,10 @@ fn main() {
     for run in 0..3 {
         let dir = work.path().join(format!("through-{run}"));
         let config = platform_config(port, &dir);
-        let outbox = Arc::new(Outbox::open(&dir, config.buffer.max_bytes).unwrap());
-        let took = runtime.block_on(drain(outbox, &config, Some(n)));
+        let took = runtime.block_on(async {
+            let outbox = Outbox::start(&dir, config.buffer.max_bytes).unwrap();
+            drain(outbox, &config, Some(n)).await
+        });
         println!("throughput run {run}: {n} records appended, published, acknowledged and deleted in {:.2} s = {:.0} msg/s", took.as_secs_f64(), n as f64 / took.as_secs_f64());
     }
 
@@ -137,24 +143,28 @@ fn main() {
     for per_window in [1, 16] {
         let dir = work.path().join(format!("replay-{per_window}"));
         let config = platform_config(port, &dir);
-        let outbox = Arc::new(Outbox::open(&dir, config.buffer.max_bytes).unwrap());
+        let mut store = Store::open(&dir, config.buffer.max_bytes).unwrap();
         let before = write_bytes();
         let start = Instant::now();
         for i in 0..86_400 {
-            outbox.push(&record(i));
+            store.push(&record(i));
             if (i + 1) % per_window == 0 {
-                outbox.flush().unwrap();
+                store.seal_and_flush();
             }
         }
-        outbox.flush().unwrap();
+        store.close().unwrap();
         let appended = start.elapsed();
         let written = write_bytes() - before;
-        let held = outbox.stats();
+        let held = store.stats();
+        drop(store);
         let record_bytes = serde_json::to_vec(&record(50_000)).unwrap().len();
         println!("append, {per_window} record(s) per window: 86400 records of {record_bytes} bytes in {:.2} s; {} bytes written to disk = {:.0} bytes per record ({:.2}x the record)", appended.as_secs_f64(), written, written as f64 / 86_400.0, written as f64 / 86_400.0 / record_bytes as f64);
         assert_eq!(held.messages, 86_400);
         let before = write_bytes();
-        let took = runtime.block_on(drain(outbox.clone(), &config, None));
+        let took = runtime.block_on(async {
+            let outbox = Outbox::start(&dir, config.buffer.max_bytes).unwrap();
+            drain(outbox, &config, None).await
+        });
         let written_replay = write_bytes() - before;
         println!("replay, {per_window} record(s) per window: 86400-record backlog delivered and deleted in {:.2} s = {:.0} msg/s; {} bytes written while deleting = {:.0} per record", took.as_secs_f64(), 86_400.0 / took.as_secs_f64(), written_replay, written_replay as f64 / 86_400.0);
     }
@@ -162,18 +172,19 @@ fn main() {
     // 3. RSS of the daemon holding a 64 MiB backlog (broker unreachable),
     // built at 4 records per window (8 readings/s, a full day's worth).
     let dir = work.path().join("backlog");
-    let outbox = Outbox::open(&dir, 64 << 20).unwrap();
+    let mut store = Store::open(&dir, 64 << 20).unwrap();
     let mut i = 0;
-    while outbox.stats().bytes < (64 << 20) - 4096 {
-        outbox.push(&record(i));
+    // `stats` reads the oldest record from disk: checked every 1000 appends.
+    while i % 1000 != 0 || store.stats().bytes < (64 << 20) - 80_000 {
+        store.push(&record(i));
         i += 1;
         if i % 4 == 0 {
-            outbox.flush().unwrap();
+            store.seal_and_flush();
         }
     }
-    outbox.flush().unwrap();
-    let held = outbox.stats();
-    drop(outbox);
+    store.close().unwrap();
+    let held = store.stats();
+    drop(store);
     let dead_port = free_port();
     let config_path = work.path().join("daemon.toml");
     std::fs::write(&config_path, format!("[gateway]\nid = \"bench\"\ndata_dir = \"{}\"\n[platform]\nprofile = \"generic\"\nhost = \"127.0.0.1\"\nport = {dead_port}\n[buffer]\nmax_bytes = \"64MiB\"\n", dir.display())).unwrap();

@@ -64,7 +64,7 @@ async fn bench(baud: u32, rounds: usize) {
     for round in 0..rounds + 2 {
         let start = Instant::now();
         for (device, blocks) in devices.iter().zip(&plans) {
-            let result = read_device(&mut bus, device, blocks, None).await;
+            let result = read_device(&mut bus, device, blocks).await;
             assert!(result.replies.iter().all(Result::is_ok), "a read failed");
         }
         if round >= 2 {

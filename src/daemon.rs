@@ -1,10 +1,18 @@
-//! `fieldgate run`: wires config → one poller per bus → outbox → platform,
-//! and platform → router → the pollers' job queues. The outbox lives as
-//! long as the process; SIGHUP swaps the pollers and the router for a newly
-//! loaded config (and the MQTT connection only if `[platform]` changed).
-//! Tells systemd when it is ready, what it is doing, and that it is alive.
+//! `fieldgate run`: starts the tasks and holds only their handles.
+//!
+//! | task | owns | talks to |
+//! |---|---|---|
+//! | outbox owner (a thread) | the sled store | — (everyone sends it messages) |
+//! | one bus owner per bus | the port, its devices' state | outbox (appends) |
+//! | the MQTT task | the connection, the publisher | outbox (reads, acks), this task (downlink) |
+//! | this task | the router, reload, watchdog | bus owners (jobs) |
+//!
+//! SIGHUP swaps the bus owners (and the MQTT connection if `[platform]`
+//! changed) for a newly loaded config; the outbox lives as long as the
+//! process. systemd hears when the daemon is ready, what it is doing, and
+//! that every bus owner is alive.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -12,39 +20,37 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use sd_notify::NotifyState;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::bus::Bus;
 use crate::commands::Usage;
 use crate::config::{self, Config, Platform};
-use crate::outbox::{Body, Outbox, Record};
+use crate::outbox::Outbox;
 use crate::platform;
-use crate::poll::{Job, Poller};
+use crate::poll::job::Job;
+use crate::poll::{BusHandle, BusTask, StopReason};
 use crate::router::{Incoming, Router};
 
-/// Readings and events on their way to the outbox (a few ms each).
-const UPLINK_QUEUE: usize = 1024;
 /// Downlink messages waiting for the router.
 const DOWNLINK_QUEUE: usize = 256;
-/// How often STATUS= is updated and the pollers are probed for the watchdog.
+/// How often STATUS= is updated, the watchdog pinged and the router's
+/// budget summaries published.
 const STATUS_EVERY: Duration = Duration::from_secs(5);
 
-/// The pollers of one config and the router that feeds them jobs.
+/// The bus owners of one config.
 struct Field {
-    stop: watch::Sender<bool>,
-    pollers: Vec<JoinHandle<()>>,
-    jobs: HashMap<String, mpsc::Sender<Job>>,
-    router: Router,
+    stop: watch::Sender<Option<StopReason>>,
+    tasks: Vec<JoinHandle<()>>,
+    buses: Vec<(String, BusHandle)>,
 }
 
 impl Field {
-    /// Opens the buses of `config` and starts a poller on each one that has
-    /// devices or a stream.
-    fn start(config: &Config, uplink: &mpsc::Sender<Record>, outbox: &Arc<Outbox>) -> Self {
-        let (stop, stopped) = watch::channel(false);
-        let mut pollers = Vec::new();
-        let mut jobs = HashMap::new();
+    /// Starts an owner on each bus that has devices or a stream.
+    fn start(config: &Config, outbox: &Outbox) -> Self {
+        let (stop, stopped) = watch::channel(None);
+        let mut tasks = Vec::new();
+        let mut buses = Vec::new();
         for bus_config in &config.buses {
             let devices: Vec<_> = config.devices_on(&bus_config.name).cloned().collect();
             let streamed = config.streams.iter().any(|s| s.bus == bus_config.name);
@@ -54,59 +60,64 @@ impl Field {
             let mut bus = Bus::new(bus_config.clone());
             // A missing adapter is not fatal: the bus keeps trying to reopen it.
             let _ = bus.ensure_open();
-            let (poller, job_tx) = Poller::new(bus, devices, uplink.clone());
-            jobs.insert(bus_config.name.clone(), job_tx);
-            pollers.push(tokio::spawn(poller.run(stopped.clone())));
+            let (task, handle) = BusTask::new(bus, devices, outbox.clone());
+            buses.push((bus_config.name.clone(), handle));
+            tasks.push(tokio::spawn(task.run(stopped.clone())));
         }
-        let router = Router::new(Arc::new(config.clone()), jobs.clone(), outbox.clone());
-        Self {
-            stop,
-            pollers,
-            jobs,
-            router,
-        }
+        Self { stop, tasks, buses }
     }
 
-    /// Stops polling (a transaction in progress is cut short) and waits for
-    /// the pollers, which closes their ports.
-    async fn stop(self) {
-        self.stop.send_replace(true);
-        for poller in self.pollers {
-            let _ = poller.await;
-        }
-    }
-
-    /// Asks every poller to run a no-op job; the receivers resolve once each
-    /// has done so, which proves its task is not stuck.
-    fn probe(&self) -> Vec<(String, oneshot::Receiver<()>)> {
-        self.jobs
+    fn jobs(&self) -> HashMap<String, mpsc::Sender<Job>> {
+        self.buses
             .iter()
-            .map(|(name, jobs)| {
-                let (tx, rx) = oneshot::channel();
-                let job: Job = Box::new(move |_| {
-                    Box::pin(async move {
-                        let _ = tx.send(());
-                    })
-                });
-                // A full queue leaves `rx` unanswered: reported as stuck.
-                let _ = jobs.try_send(job);
-                (name.clone(), rx)
-            })
+            .map(|(name, handle)| (name.clone(), handle.jobs.clone()))
             .collect()
+    }
+
+    /// Stops every bus owner: polls in progress are cut short, jobs in
+    /// progress finish, queued jobs are answered with `reason`.
+    async fn stop(self, reason: StopReason) {
+        self.stop.send_replace(Some(reason));
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+
+    /// Buses whose owner broke its liveness promise.
+    fn stuck(&self) -> Vec<&str> {
+        self.buses
+            .iter()
+            .filter(|(_, handle)| handle.alive.overdue())
+            .map(|(name, _)| name.as_str())
+            .collect()
+    }
+
+    /// (devices online, devices polled so far).
+    fn online(&self) -> (usize, usize) {
+        let mut counts = (0, 0);
+        for (_, handle) in &self.buses {
+            for device in handle.devices.borrow().iter() {
+                if device.online != Some(false) {
+                    counts.0 += 1;
+                }
+                counts.1 += 1;
+            }
+        }
+        counts
     }
 }
 
 /// The MQTT connection task and its own stop switch.
 struct Uplink {
     stop: watch::Sender<bool>,
-    task: JoinHandle<anyhow::Result<()>>,
+    task: JoinHandle<()>,
 }
 
 impl Uplink {
     fn start(
         gateway_id: &str,
         platform: &Platform,
-        outbox: &Arc<Outbox>,
+        outbox: &Outbox,
         downlink: &mpsc::Sender<Incoming>,
         connected: &Arc<AtomicBool>,
     ) -> Self {
@@ -119,14 +130,14 @@ impl Uplink {
             connected.clone(),
         );
         let task = tokio::spawn(async move {
-            platform::run(&id, &platform, outbox, Some(downlink), connected, stopped).await
+            platform::run(&id, &platform, outbox, Some(downlink), connected, stopped).await;
         });
         Self { stop, task }
     }
 
-    async fn stop(self) -> anyhow::Result<()> {
+    async fn stop(self) {
         self.stop.send_replace(true);
-        self.task.await.context("platform task")?
+        let _ = self.task.await;
     }
 }
 
@@ -142,21 +153,12 @@ pub async fn run(
         return Err(Usage("the config has no [platform] section; `run` needs one".into()).into());
     };
     let mut hangup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
-    let outbox = Arc::new(Outbox::open(
-        &config.gateway.data_dir,
-        config.buffer.max_bytes,
-    )?);
-    let maintain = {
-        let outbox = outbox.clone();
-        tokio::spawn(async move { outbox.maintain().await })
-    };
-    let offline = Arc::new(std::sync::Mutex::new(HashSet::new()));
-    let (uplink_tx, uplink_rx) = mpsc::channel::<Record>(UPLINK_QUEUE);
-    let store = tokio::spawn(store(uplink_rx, outbox.clone(), offline.clone()));
+    let outbox = Outbox::start(&config.gateway.data_dir, config.buffer.max_bytes)?;
     let (downlink_tx, mut downlink_rx) = mpsc::channel(DOWNLINK_QUEUE);
     let connected = Arc::new(AtomicBool::new(false));
 
-    let mut field = Field::start(&config, &uplink_tx, &outbox);
+    let mut field = Field::start(&config, &outbox);
+    let mut router = Router::new(Arc::new(config.clone()), field.jobs(), outbox.clone());
     let mut uplink = Uplink::start(
         &config.gateway.id,
         &platform,
@@ -168,7 +170,7 @@ pub async fn run(
         target: "daemon",
         "gateway {} started: {} buses, {} devices, platform {}:{}",
         config.gateway.id,
-        field.pollers.len(),
+        field.buses.len(),
         config.devices.len(),
         platform.host,
         platform.port
@@ -176,63 +178,50 @@ pub async fn run(
     let _ = sd_notify::notify(false, &[NotifyState::Ready]);
     let mut config = config;
     let mut status = tokio::time::interval(STATUS_EVERY);
-    let mut probes = Vec::new();
-    let result = loop {
+    loop {
         tokio::select! {
-            () = crate::stopped(&mut shutdown) => break Ok(()),
+            () = crate::stopped(&mut shutdown) => break,
             _ = hangup.recv() => {
                 let _ = sd_notify::notify(false, &[NotifyState::Reloading]);
                 match reload(config_path, &config) {
                     Ok(new) => {
-                        field.stop().await;
-                        field = Field::start(&new, &uplink_tx, &outbox);
-                        // Probes sent to the old pollers will never be answered.
-                        probes.clear();
+                        field.stop("the config was reloaded").await;
+                        field = Field::start(&new, &outbox);
+                        router.reconfigure(Arc::new(new.clone()), field.jobs());
                         if new.platform != config.platform {
                             if let Some(platform) = &new.platform {
-                                if let Err(e) = uplink.stop().await {
-                                    log::warn!(target: "daemon", "{e:#}");
-                                }
+                                uplink.stop().await;
                                 uplink = Uplink::start(&new.gateway.id, platform, &outbox, &downlink_tx, &connected);
                             }
                         }
-                        log::info!(target: "daemon", "reloaded the config: {} buses, {} devices", field.pollers.len(), new.devices.len());
+                        log::info!(target: "daemon", "reloaded the config: {} buses, {} devices", field.buses.len(), new.devices.len());
                         config = new;
                     }
                     Err(e) => log::error!(target: "daemon", "reload failed, the running config stays: {e:#}"),
                 }
                 let _ = sd_notify::notify(false, &[NotifyState::Ready]);
             }
-            Some(message) = downlink_rx.recv() => field.router.handle(&message),
-            ended = &mut uplink.task => break ended.context("platform task").and_then(|r| r),
+            Some(message) = downlink_rx.recv() => router.handle(&message),
             _ = status.tick() => {
-                let stuck: Vec<String> = probes
-                    .drain(..)
-                    .filter_map(|(name, mut rx): (String, oneshot::Receiver<()>)| rx.try_recv().is_err().then_some(name))
-                    .collect();
-                let line = status_line(&config, &offline, &outbox, connected.load(Ordering::Relaxed));
+                router.tick();
+                let line = status_line(&field, &outbox, connected.load(Ordering::Relaxed));
                 let mut states = vec![NotifyState::Status(&line)];
+                let stuck = field.stuck();
                 if stuck.is_empty() {
                     states.push(NotifyState::Watchdog);
                 } else {
-                    log::error!(target: "daemon", "bus {} did not run a watchdog probe within {}s; not pinging the watchdog", stuck.join(", "), STATUS_EVERY.as_secs());
+                    log::error!(target: "daemon", "bus {} is stuck (its owner missed its liveness deadline); not pinging the watchdog", stuck.join(", "));
                 }
                 let _ = sd_notify::notify(false, &states);
-                probes = field.probe();
             }
         }
-    };
-    let _ = sd_notify::notify(false, &[NotifyState::Stopping]);
-    field.stop().await;
-    if !uplink.task.is_finished() {
-        uplink.stop().await.ok();
     }
-    drop(uplink_tx);
-    let _ = store.await;
-    maintain.abort();
-    outbox.flush()?;
+    let _ = sd_notify::notify(false, &[NotifyState::Stopping]);
+    field.stop("the daemon is stopping").await;
+    uplink.stop().await;
+    outbox.close().await?;
     log::info!(target: "daemon", "stopped");
-    result
+    Ok(())
 }
 
 /// Loads `path` for a reload. Settings that only a restart can apply are
@@ -253,46 +242,12 @@ fn reload(path: Option<&Path>, running: &Config) -> anyhow::Result<Config> {
     Ok(new)
 }
 
-/// Appends every uplink record to the outbox, and keeps the set of devices
-/// whose last event said offline (for STATUS=).
-async fn store(
-    mut records: mpsc::Receiver<Record>,
-    outbox: Arc<Outbox>,
-    offline: Arc<std::sync::Mutex<HashSet<String>>>,
-) {
-    while let Some(record) = records.recv().await {
-        if let Body::Event { method, params, .. } = &record.body {
-            if let Some(device) = params.get("device").and_then(|d| d.as_str()) {
-                let mut offline = offline.lock().unwrap_or_else(|e| e.into_inner());
-                match method.as_str() {
-                    "device_offline" => offline.insert(device.to_string()),
-                    "device_online" => offline.remove(device),
-                    _ => false,
-                };
-            }
-        }
-        outbox.push(&record);
-    }
-}
-
 /// One line for `systemctl status`: devices online, outbox depth, uplink.
-fn status_line(
-    config: &Config,
-    offline: &std::sync::Mutex<HashSet<String>>,
-    outbox: &Outbox,
-    connected: bool,
-) -> String {
-    let offline = offline.lock().unwrap_or_else(|e| e.into_inner());
-    let down = config
-        .devices
-        .iter()
-        .filter(|d| offline.contains(&d.name))
-        .count();
+fn status_line(field: &Field, outbox: &Outbox, connected: bool) -> String {
+    let (online, total) = field.online();
     let stats = outbox.stats();
     format!(
-        "{}/{} devices online, outbox {} messages ({} dropped), uplink {}",
-        config.devices.len() - down,
-        config.devices.len(),
+        "{online}/{total} devices online, outbox {} messages ({} dropped), uplink {}",
         stats.messages,
         stats.dropped,
         if connected { "connected" } else { "down" }

@@ -1,21 +1,32 @@
-//! fieldgate: an edge gateway from Modbus RTU on RS-485 to MQTT.
+//! fieldgate: an edge gateway from Modbus on RS-485 to MQTT.
 //!
-//! Data flows config → [`bus`] (one owner per serial port) → [`poll`]
-//! (plan, decode, report policy) → [`outbox`] → [`platform`] (MQTT
-//! profiles), and back: [`platform`] → [`router`] → [`bus`]. The
-//! [`sim`] module serves configs as simulated slaves; [`commands`] holds
-//! the CLI subcommands.
+//! Data flows config → [`bus`] (one owner per transport, RTU framing) →
+//! [`poll`] (plan, decode, report policy, typed jobs) → [`outbox`] (one
+//! owner of the durable store) → [`platform`] (MQTT, the publisher state
+//! machine, profiles), and back: [`platform`] → [`router`] → jobs for the
+//! bus owners. Below them all: [`modbus`] (protocol knowledge), [`codec`]
+//! (registers ⇄ values), [`record`] (the uplink message) and [`text`]
+//! (bounded network text). [`commands`] holds the CLI subcommands; with the
+//! `sim` feature, [`sim`] and [`broker`] serve simulated slaves and an
+//! embedded broker for `simulate`, `demo` and the tests.
+#![warn(unreachable_pub)]
 
+#[cfg(feature = "sim")]
 pub mod broker;
 pub mod bus;
+pub mod codec;
 pub mod commands;
 pub mod config;
 pub mod daemon;
+pub mod modbus;
 pub mod outbox;
 pub mod platform;
 pub mod poll;
+pub mod record;
 pub mod router;
+#[cfg(feature = "sim")]
 pub mod sim;
+pub mod text;
 
 /// Resolves once the shutdown flag turns true (or its sender is gone).
 pub async fn stopped(shutdown: &mut tokio::sync::watch::Receiver<bool>) {

@@ -38,6 +38,12 @@ enum Command {
         /// Points to read (default: all)
         points: Vec<String>,
     },
+    /// Write one writable point once, validated like a platform push, then read it back
+    Write {
+        device: String,
+        point: String,
+        value: String,
+    },
     /// Serve the configured devices as simulated RTU slaves on pseudo-terminals
     Simulate {
         /// Answer only after the time request and response take on a real
@@ -116,8 +122,20 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Read { device, points } => commands::read::run(&load()?, &device, &points).await,
+        Command::Write {
+            device,
+            point,
+            value,
+        } => commands::write::run(&load()?, &device, &point, &value).await,
+        #[cfg(feature = "sim")]
         Command::Simulate { wire_time } => commands::simulate::run(&load()?, wire_time).await,
+        #[cfg(feature = "sim")]
         Command::Demo => commands::demo::run().await,
+        #[cfg(not(feature = "sim"))]
+        Command::Simulate { .. } | Command::Demo => Err(Usage(
+            "this build leaves out the simulator and the demo (cargo feature \"sim\"); build from source with the default features to use them".into(),
+        )
+        .into()),
         Command::Buffer => commands::buffer::run(&load()?),
         Command::Scan { bus, units } => commands::scan::run(&load()?, &bus, units).await,
     }

@@ -2,9 +2,9 @@
 //! pseudo-terminal, so a config can be tried without hardware. Values change
 //! over time; writes stick. Tests use the same slaves with fault knobs:
 //! silence a unit, answer late, raise an exception for a range, and a log
-//! of every request received.
+//! of the requests received (bounded; off for `simulate` and `demo`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::io;
 use std::ops::RangeInclusive;
@@ -18,9 +18,9 @@ use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::sys::termios;
 use tokio_modbus::{ExceptionCode, Response, SlaveRequest};
 
-use crate::bus::Request;
+use crate::codec::{self, Value};
 use crate::config::{self, Area, Device, Kind};
-use crate::poll::codec::{self, Value};
+use crate::modbus::Request;
 
 /// One simulated slave's memory and behaviour.
 #[derive(Debug, Default, Clone)]
@@ -180,10 +180,15 @@ pub struct Received {
     pub at: Instant,
 }
 
+/// Requests kept by a test's simulator: the most recent this many.
+const LOG_MAX: usize = 100_000;
+
 #[derive(Default)]
 struct State {
     units: HashMap<u8, Unit>,
-    log: Vec<Received>,
+    log: VecDeque<Received>,
+    /// How many requests the log keeps (0: no log).
+    log_max: usize,
 }
 
 /// A set of simulated slaves sharing one line. Cloning gives another handle
@@ -196,8 +201,11 @@ pub struct Slaves {
 }
 
 impl Slaves {
+    /// Slaves that log the requests they receive (the latest 100,000).
     pub fn new() -> Self {
-        Self::default()
+        let slaves = Self::default();
+        slaves.lock().log_max = LOG_MAX;
+        slaves
     }
 
     /// Makes every answer wait as long as request and response would take
@@ -218,14 +226,16 @@ impl Slaves {
         f(self.lock().units.entry(id).or_default())
     }
 
-    /// Every request received so far.
+    /// Every request received so far (the latest 100,000).
     pub fn received(&self) -> Vec<Received> {
-        self.lock().log.clone()
+        self.lock().log.iter().cloned().collect()
     }
 
-    /// Slaves for the configured devices, with initial synthetic values.
+    /// Slaves for the configured devices, with initial synthetic values,
+    /// keeping no log (they serve `simulate` and `demo` for as long as they
+    /// run).
     pub fn for_devices<'a>(devices: impl IntoIterator<Item = &'a Device>) -> Self {
-        let slaves = Self::new();
+        let slaves = Self::default();
         let devices: Vec<&Device> = devices.into_iter().collect();
         slaves.animate(&devices, 0.0);
         slaves
@@ -295,15 +305,25 @@ impl Slaves {
 /// receives, on a new pseudo-terminal.
 pub fn echo() -> io::Result<Pty> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (mut stream, slave, path) = open_line()?;
-    let task = tokio::spawn(async move {
+    line(|mut stream| async move {
         let mut buf = [0u8; 512];
         while let Ok(n) = stream.read(&mut buf).await {
             if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
                 break;
             }
         }
-    });
+    })
+}
+
+/// A new pseudo-terminal whose far end is served by `serve` (a slave of
+/// the caller's own, such as a test's fault injector).
+pub fn line<F, Fut>(serve: F) -> io::Result<Pty>
+where
+    F: FnOnce(tokio_serial::SerialStream) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let (stream, slave, path) = open_line()?;
+    let task = tokio::spawn(serve(stream));
     Ok(Pty {
         path,
         _slave: slave,
@@ -369,21 +389,6 @@ impl Drop for Pty {
     }
 }
 
-fn ours(request: &tokio_modbus::Request<'_>) -> Option<Request> {
-    use tokio_modbus::Request as M;
-    Some(match request {
-        M::ReadCoils(a, n) => Request::ReadCoils(*a, *n),
-        M::ReadDiscreteInputs(a, n) => Request::ReadDiscretes(*a, *n),
-        M::ReadHoldingRegisters(a, n) => Request::ReadHolding(*a, *n),
-        M::ReadInputRegisters(a, n) => Request::ReadInput(*a, *n),
-        M::WriteSingleCoil(a, v) => Request::WriteCoil(*a, *v),
-        M::WriteMultipleCoils(a, v) => Request::WriteCoils(*a, v.to_vec()),
-        M::WriteSingleRegister(a, v) => Request::WriteRegister(*a, *v),
-        M::WriteMultipleRegisters(a, v) => Request::WriteRegisters(*a, v.to_vec()),
-        _ => return None,
-    })
-}
-
 struct Service(Slaves);
 
 type Answer = Result<Option<Response>, ExceptionCode>;
@@ -397,16 +402,21 @@ impl tokio_modbus::server::Service for Service {
     fn call(&self, req: Self::Request) -> Self::Future {
         let slaves = self.0.clone();
         Box::pin(async move {
-            let Some(request) = ours(&req.request) else {
+            let Some(request) = Request::from_modbus(&req.request) else {
                 return Err(ExceptionCode::IllegalFunction);
             };
             let (answer, delay) = {
                 let mut state = slaves.lock();
-                state.log.push(Received {
-                    unit: req.slave,
-                    request: request.clone(),
-                    at: Instant::now(),
-                });
+                if state.log_max > 0 {
+                    if state.log.len() >= state.log_max {
+                        state.log.pop_front();
+                    }
+                    state.log.push_back(Received {
+                        unit: req.slave,
+                        request: request.clone(),
+                        at: Instant::now(),
+                    });
+                }
                 match state.units.get_mut(&req.slave) {
                     Some(unit) if !unit.silent => {
                         (Some(unit.execute(&request)), unit.delay_for(&request))

@@ -7,8 +7,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use fieldgate::bus::Request;
 use fieldgate::config::Area;
+use fieldgate::modbus::Request;
 use serde_json::{json, Value};
 use tokio_modbus::ExceptionCode;
 
@@ -645,7 +645,7 @@ fn hostile(rng: &mut Rng, topic: &str) -> Vec<u8> {
                 _ => return b"zz 01 06".to_vec(),
             }
             if topic.contains("hex") {
-                fieldgate::bus::frame::to_hex(&frame).into_bytes()
+                fieldgate::text::to_hex(&frame).into_bytes()
             } else {
                 frame
             }

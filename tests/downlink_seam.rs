@@ -1,14 +1,21 @@
-//! The seam the downlink uses: a job sent to a bus's poller runs before the
-//! poller's next transaction, not after the whole poll cycle.
+//! The seam the downlink uses: a typed job sent to a bus owner runs before
+//! the owner's next poll transaction, not after the whole poll, and what it
+//! reports reaches the outbox after the poll it interrupted (whose values
+//! were read before the write).
 
 use std::time::Duration;
 
-use fieldgate::bus::{Bus, Request};
-use fieldgate::config::{self, UnitId};
-use fieldgate::outbox::Body;
-use fieldgate::poll::{Job, Poller};
+use fieldgate::bus::Bus;
+use fieldgate::config;
+use fieldgate::modbus::Request;
+use fieldgate::outbox::Outbox;
+use fieldgate::poll::job::Job;
+use fieldgate::poll::BusTask;
+use fieldgate::record::Body;
+use fieldgate::router::downlink::Target;
+use fieldgate::router::write;
 use fieldgate::sim::Slaves;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 const CONFIG: &str = r#"
 [gateway]
@@ -27,50 +34,67 @@ poll = "10s"
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_goes_between_two_poll_transactions() {
+async fn a_job_goes_between_two_poll_transactions_and_reports_after_the_poll() {
     // Three blocks far apart, at 9600 baud with wire time: ~45 ms each.
     let mut text = CONFIG.to_string();
     for address in [0, 100, 200] {
-        text += &format!("\n[[device.point]]\nname = \"p{address}\"\narea = \"holding\"\naddress = {address}\ntype = \"u16\"\n");
+        text += &format!("\n[[device.point]]\nname = \"p{address}\"\narea = \"holding\"\naddress = {address}\ntype = \"u16\"\nwritable = true\n");
     }
     let mut config = config::parse(std::path::Path::new("seam.toml"), &text).unwrap();
     let slaves = Slaves::new().with_wire_time(&config.buses[0]);
     slaves.unit(1, |_| ());
     let pty = slaves.serve().unwrap();
     config.buses[0].port = pty.path.display().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::start(dir.path(), 1 << 20).unwrap();
 
-    let (uplink_tx, mut uplink) = mpsc::channel(8);
-    let (poller, jobs) = Poller::new(
+    let (task, handle) = BusTask::new(
         Bus::new(config.buses[0].clone()),
         config.devices.clone(),
-        uplink_tx,
+        outbox.clone(),
     );
-    let (stop_tx, stop) = watch::channel(false);
-    let task = tokio::spawn(poller.run(stop));
+    let (stop_tx, stop) = watch::channel(None);
+    let running = tokio::spawn(task.run(stop));
 
     // Wait until the first transaction of the poll is on the wire, then queue a write.
     while slaves.received().is_empty() {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let (done_tx, done) = tokio::sync::oneshot::channel();
-    let job: Job = Box::new(move |bus: &mut Bus| {
-        Box::pin(async move {
-            let unit = UnitId::new(1).unwrap();
-            let result = bus
-                .transact(unit, &Request::WriteRegister(7, 42), None)
-                .await;
-            let _ = done_tx.send(result);
-        })
-    });
-    assert!(jobs.send(job).await.is_ok());
-    assert!(done.await.unwrap().is_ok());
-    let record = uplink.recv().await.unwrap();
-    let Body::Attributes { values, .. } = record.body else {
-        panic!("a reading, got {record:?}");
+    let values = serde_json::json!({ "p0": 42 })
+        .as_object()
+        .cloned()
+        .unwrap();
+    let mut plans = write::plan(&config, &[(Target::Device("d".into()), values)]).unwrap();
+    let (reply, outcome) = tokio::sync::oneshot::channel();
+    let job = Job::Write {
+        plan: plans.remove(0),
+        reply: Some(reply),
     };
-    assert_eq!(values.len(), 3);
-    stop_tx.send_replace(true);
-    task.await.unwrap();
+    assert!(handle.jobs.send(job).await.is_ok());
+    let read_back = outcome.await.unwrap().unwrap().expect("a read-back");
+    assert_eq!(read_back.values["p0"], 42);
+
+    // The poll's reading (taken before the write) first, then the read-back.
+    let mut records = Vec::new();
+    while records.len() < 2 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        records = outbox.read(None, 10).await;
+    }
+    let p0: Vec<serde_json::Value> = records
+        .iter()
+        .map(|(_, r)| match &r.body {
+            Body::Attributes { values, .. } => values["p0"].clone(),
+            other => panic!("a reading, got {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        p0,
+        [0, 42],
+        "the read-back comes after the poll it interrupted"
+    );
+    stop_tx.send_replace(Some("the test is over"));
+    running.await.unwrap();
+    outbox.close().await.unwrap();
 
     let order: Vec<_> = slaves
         .received()
@@ -81,11 +105,11 @@ async fn a_job_goes_between_two_poll_transactions() {
         order,
         [
             Request::ReadHolding(0, 1),
-            Request::WriteRegister(7, 42),
+            Request::WriteRegister(0, 42),
+            Request::ReadHolding(0, 1),
             Request::ReadHolding(100, 1),
             Request::ReadHolding(200, 1),
         ],
-        "the write runs after the transaction in progress, before the next one"
+        "the write (and its read-back) runs after the transaction in progress, before the next one"
     );
-    assert_eq!(slaves.unit(1, |u| u.holding.get(&7).copied()), Some(42));
 }

@@ -6,7 +6,7 @@
 use std::sync::OnceLock;
 
 use fieldgate::config::{self, Config};
-use fieldgate::poll::codec;
+use fieldgate::codec;
 use fieldgate::router::downlink::{self, Downlink};
 use fieldgate::router::write;
 use libfuzzer_sys::fuzz_target;

@@ -1,205 +1,117 @@
-//! The serial bus: one [`Bus`] owns one port and runs one Modbus RTU
-//! transaction at a time, with the bus's response timeout, retries and
-//! inter-transaction delay. A port that disappears is reopened with capped
-//! backoff; until then transactions fail fast instead of blocking. A
-//! `transparent` bus carries raw bytes instead ([`Bus::exchange`]).
+//! The bus: one [`Bus`] owns one transport and runs one Modbus transaction
+//! at a time, with the bus's response timeout, retries and
+//! inter-transaction delay.
+//!
+//! The framing is fieldgate's own (RTU: unit, PDU, CRC; the PDUs are
+//! [`crate::modbus`]'s), not a codec that stays errored after a bad frame:
+//! every transaction discards stale input, writes its request and reads
+//! until its reply is found (noise before it is skipped) or its deadline
+//! passes. Noise, a garbled, truncated or CRC-failing reply is one failed
+//! attempt of that transaction; the port stays open. Only a transport that
+//! really failed (the adapter unplugged) is closed, and it is reopened with
+//! capped backoff; until then transactions fail fast instead of blocking.
+//! A `transparent` bus carries raw bytes instead ([`Bus::exchange`]).
 
-pub mod frame;
-mod port;
+mod gap;
+mod serial;
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::time::{sleep_until, timeout, Instant};
-use tokio_modbus::client::{Client, Context};
-use tokio_modbus::prelude::SlaveContext;
-use tokio_modbus::{ExceptionCode, Slave};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::{timeout, timeout_at, Instant};
 
-use crate::config::{self, Address, Area, UnitId};
+use crate::config::{self, BusMode, UnitId};
+use crate::modbus::rtu::{self, Scan};
+use crate::modbus::{Reply, Request, TxError};
+use crate::text::to_hex;
 
-use tokio_serial::SerialStream;
-
-/// One Modbus request, as the poller and the downlink express it.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Request {
-    ReadCoils(Address, u16),
-    ReadDiscretes(Address, u16),
-    ReadHolding(Address, u16),
-    ReadInput(Address, u16),
-    WriteCoil(Address, bool),
-    WriteCoils(Address, Vec<bool>),
-    WriteRegister(Address, u16),
-    WriteRegisters(Address, Vec<u16>),
-}
-
-impl Request {
-    /// The area, first address and count the request touches.
-    pub fn span(&self) -> (Area, Address, u16) {
-        match self {
-            Request::ReadCoils(a, n) => (Area::Coil, *a, *n),
-            Request::ReadDiscretes(a, n) => (Area::Discrete, *a, *n),
-            Request::ReadHolding(a, n) => (Area::Holding, *a, *n),
-            Request::ReadInput(a, n) => (Area::Input, *a, *n),
-            Request::WriteCoil(a, _) => (Area::Coil, *a, 1),
-            Request::WriteCoils(a, v) => (Area::Coil, *a, v.len() as u16),
-            Request::WriteRegister(a, _) => (Area::Holding, *a, 1),
-            Request::WriteRegisters(a, v) => (Area::Holding, *a, v.len() as u16),
-        }
-    }
-
-    pub fn is_write(&self) -> bool {
-        !matches!(
-            self,
-            Request::ReadCoils(..)
-                | Request::ReadDiscretes(..)
-                | Request::ReadHolding(..)
-                | Request::ReadInput(..)
-        )
-    }
-
-    /// Bytes of the RTU request frame and of its normal response frame.
-    pub fn frame_sizes(&self) -> (usize, usize) {
-        let bits_bytes = |n: u16| usize::from(n).div_ceil(8);
-        match self {
-            Request::ReadCoils(_, n) | Request::ReadDiscretes(_, n) => (8, 5 + bits_bytes(*n)),
-            Request::ReadHolding(_, n) | Request::ReadInput(_, n) => (8, 5 + 2 * usize::from(*n)),
-            Request::WriteCoil(..) | Request::WriteRegister(..) => (8, 8),
-            Request::WriteCoils(_, v) => (9 + v.len().div_ceil(8), 8),
-            Request::WriteRegisters(_, v) => (9 + 2 * v.len(), 8),
-        }
-    }
-
-    fn to_modbus(&self) -> tokio_modbus::Request<'_> {
-        use tokio_modbus::Request as M;
-        match self {
-            Request::ReadCoils(a, n) => M::ReadCoils(*a, *n),
-            Request::ReadDiscretes(a, n) => M::ReadDiscreteInputs(*a, *n),
-            Request::ReadHolding(a, n) => M::ReadHoldingRegisters(*a, *n),
-            Request::ReadInput(a, n) => M::ReadInputRegisters(*a, *n),
-            Request::WriteCoil(a, v) => M::WriteSingleCoil(*a, *v),
-            Request::WriteCoils(a, v) => M::WriteMultipleCoils(*a, v.into()),
-            Request::WriteRegister(a, v) => M::WriteSingleRegister(*a, *v),
-            Request::WriteRegisters(a, v) => M::WriteMultipleRegisters(*a, v.into()),
-        }
-    }
-
-    /// Checks that `response` answers this request (count, address, echo) and
-    /// unpacks it. RTU carries no transaction id, so this is the last line of
-    /// defence against a stray frame being taken for our answer.
-    fn accept(&self, response: tokio_modbus::Response) -> Result<Reply, TxError> {
-        use tokio_modbus::Response as R;
-        let mismatch = |what: &str| Err(TxError::Mismatch(what.to_string()));
-        match (self, response) {
-            (Request::ReadCoils(_, n), R::ReadCoils(mut bits))
-            | (Request::ReadDiscretes(_, n), R::ReadDiscreteInputs(mut bits)) => {
-                if bits.len() != usize::from(*n).div_ceil(8) * 8 {
-                    return mismatch("bit count differs from the request");
-                }
-                bits.truncate(usize::from(*n));
-                Ok(Reply::Bits(bits))
-            }
-            (Request::ReadHolding(_, n), R::ReadHoldingRegisters(regs))
-            | (Request::ReadInput(_, n), R::ReadInputRegisters(regs)) => {
-                if regs.len() != usize::from(*n) {
-                    return mismatch("register count differs from the request");
-                }
-                Ok(Reply::Registers(regs))
-            }
-            (Request::WriteCoil(a, v), R::WriteSingleCoil(ra, rv)) if (*a, *v) == (ra, rv) => {
-                Ok(Reply::Written)
-            }
-            (Request::WriteRegister(a, v), R::WriteSingleRegister(ra, rv))
-                if (*a, *v) == (ra, rv) =>
-            {
-                Ok(Reply::Written)
-            }
-            (Request::WriteCoils(a, v), R::WriteMultipleCoils(ra, n))
-                if *a == ra && v.len() == usize::from(n) =>
-            {
-                Ok(Reply::Written)
-            }
-            (Request::WriteRegisters(a, v), R::WriteMultipleRegisters(ra, n))
-                if *a == ra && v.len() == usize::from(n) =>
-            {
-                Ok(Reply::Written)
-            }
-            _ => mismatch("response does not echo the request"),
-        }
-    }
-}
-
-/// What a successful transaction returned.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Reply {
-    Bits(Vec<bool>),
-    Registers(Vec<u16>),
-    Written,
-}
-
-/// Why a transaction failed after its retries.
-#[derive(Debug, Clone, thiserror::Error, PartialEq)]
-pub enum TxError {
-    #[error("no response within {0:?}")]
-    Timeout(Duration),
-    #[error("exception {code:#04x} ({name})", code = u8::from(*.0), name = exception_name(*.0))]
-    Exception(ExceptionCode),
-    #[error("invalid response: {0}")]
-    Mismatch(String),
-    #[error("serial port unavailable: {0}")]
-    Port(String),
-}
-
-impl TxError {
-    /// A short stable label, so logs can report state changes, not every cycle.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            TxError::Timeout(_) => "timeout",
-            TxError::Exception(_) => "exception",
-            TxError::Mismatch(_) => "invalid response",
-            TxError::Port(_) => "port",
-        }
-    }
-}
-
-fn exception_name(code: ExceptionCode) -> &'static str {
-    match code {
-        ExceptionCode::IllegalFunction => "illegal function",
-        ExceptionCode::IllegalDataAddress => "illegal data address",
-        ExceptionCode::IllegalDataValue => "illegal data value",
-        ExceptionCode::ServerDeviceFailure => "server device failure",
-        ExceptionCode::Acknowledge => "acknowledge",
-        ExceptionCode::ServerDeviceBusy => "server device busy",
-        ExceptionCode::MemoryParityError => "memory parity error",
-        ExceptionCode::GatewayPathUnavailable => "gateway path unavailable",
-        ExceptionCode::GatewayTargetDevice => "gateway target device failed to respond",
-        _ => "custom",
-    }
+/// A byte stream to the slaves: a serial port, or (in tests) one end of an
+/// in-memory pipe.
+pub(crate) trait Stream: AsyncRead + AsyncWrite + Send + Unpin {
+    /// Drops input that arrived before the request about to be written.
+    fn discard_input(&mut self) -> io::Result<()>;
 }
 
 const REOPEN_MIN: Duration = Duration::from_secs(1);
 const REOPEN_MAX: Duration = Duration::from_secs(30);
 
+/// Longest reply a transparent bus collects for one request.
+pub const RAW_REPLY_MAX: usize = 4096;
+
 /// After a timeout, how long the line must stay untouched before the next
 /// request, so that a slow slave's late reply lands (and is discarded)
 /// before we transmit again instead of during the next transaction.
 fn settle_time(bus: &config::Bus, timeout: Duration) -> Duration {
-    (timeout / 2).clamp(bus.frame_gap(), Duration::from_millis(250))
+    (timeout / 2)
+        .min(Duration::from_millis(250))
+        .max(bus.frame_gap())
 }
 
-/// Longest reply a transparent bus collects for one request.
-pub const RAW_REPLY_MAX: usize = 4096;
+/// A bus owner's promise to check in again by a deadline. The watchdog
+/// reads it: a task stuck for good misses its deadline, while a task that
+/// is merely busy (a queue of writes to a dead slave) keeps renewing it,
+/// since every attempt is bounded by its timeout.
+#[derive(Clone, Debug)]
+pub struct Liveness(Arc<AtomicU64>);
 
-/// An open port: a Modbus RTU client, or raw bytes on a transparent bus.
-enum Link {
-    Rtu(Context),
-    Raw(port::Port),
+/// Slack on top of the longest legitimate wait.
+const LIVENESS_MARGIN: Duration = Duration::from_secs(5);
+
+fn clock_ms() -> u64 {
+    static ORIGIN: OnceLock<std::time::Instant> = OnceLock::new();
+    let origin = *ORIGIN.get_or_init(std::time::Instant::now);
+    u64::try_from(origin.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
-/// The owner of one serial port.
+impl Liveness {
+    pub fn new() -> Self {
+        let alive = Self(Arc::default());
+        alive.promise(Duration::from_secs(60));
+        alive
+    }
+
+    /// "I will check in again within `within` (plus a margin)."
+    pub fn promise(&self, within: Duration) {
+        let within = u64::try_from((within + LIVENESS_MARGIN).as_millis()).unwrap_or(u64::MAX);
+        self.0
+            .store(clock_ms().saturating_add(within), Ordering::Relaxed);
+    }
+
+    /// Whether the last promise has been broken.
+    pub fn overdue(&self) -> bool {
+        clock_ms() > self.0.load(Ordering::Relaxed)
+    }
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// How the bus gets its transport.
+enum Connector {
+    Serial,
+    /// A stream handed in; once it fails there is no other.
+    #[cfg(test)]
+    Given(Option<Box<dyn Stream>>),
+}
+
+/// What one attempt gave: the outcome and, when a well-formed reply frame
+/// came (an exception included), its PDU.
+pub struct Attempt {
+    pub outcome: Result<Reply, TxError>,
+    pub pdu: Option<Vec<u8>>,
+}
+
+/// The owner of one transport.
 pub struct Bus {
     config: config::Bus,
-    link: Option<Link>,
+    connector: Connector,
+    link: Option<Box<dyn Stream>>,
     /// Earliest time the next transaction may start (inter-frame gap, `delay`,
     /// settle time after a timeout).
     quiet_until: Instant,
@@ -207,19 +119,42 @@ pub struct Bus {
     reopen_delay: Duration,
     /// The last open error, reported while the port stays down.
     down: Option<String>,
+    gap: gap::Gap,
+    /// Bytes received for the transaction in progress.
+    rx: Vec<u8>,
+    alive: Liveness,
 }
 
 impl Bus {
     /// A bus whose port is opened on the first transaction.
     pub fn new(config: config::Bus) -> Self {
+        Self::with(config, Connector::Serial)
+    }
+
+    /// A bus over `stream` instead of its configured port.
+    #[cfg(test)]
+    pub(crate) fn over(config: config::Bus, stream: Box<dyn Stream>) -> Self {
+        Self::with(config, Connector::Given(Some(stream)))
+    }
+
+    fn with(config: config::Bus, connector: Connector) -> Self {
         let now = Instant::now();
+        let gap = match connector {
+            Connector::Serial => gap::Gap::new(),
+            #[cfg(test)]
+            Connector::Given(_) => gap::Gap::coarse(),
+        };
         Self {
             config,
+            connector,
             link: None,
             quiet_until: now,
             reopen_at: now,
             reopen_delay: REOPEN_MIN,
             down: None,
+            gap,
+            rx: Vec::with_capacity(2 * rtu::MAX_FRAME),
+            alive: Liveness::new(),
         }
     }
 
@@ -227,14 +162,14 @@ impl Bus {
         &self.config
     }
 
-    fn attach(&self, stream: SerialStream) -> Link {
-        let port = port::Port::new(stream);
-        match self.config.mode {
-            config::BusMode::Rtu => {
-                Link::Rtu(tokio_modbus::client::rtu::attach_slave(port, Slave(0)))
-            }
-            config::BusMode::Transparent => Link::Raw(port),
-        }
+    /// The promise this bus renews before every attempt.
+    pub fn liveness(&self) -> Liveness {
+        self.alive.clone()
+    }
+
+    /// Whether the transport is open now.
+    pub fn is_open(&self) -> bool {
+        self.link.is_some()
     }
 
     /// Opens the port if it is closed and its backoff has passed. Errors are
@@ -243,16 +178,23 @@ impl Bus {
         if self.link.is_some() {
             return Ok(());
         }
-        let now = Instant::now();
-        if now < self.reopen_at {
+        if Instant::now() < self.reopen_at {
             return Err(TxError::Port(self.down.clone().unwrap_or_default()));
         }
-        match port::open(&self.config) {
+        let opened: io::Result<Box<dyn Stream>> = match &mut self.connector {
+            Connector::Serial => serial::open(&self.config).map(|s| Box::new(s) as Box<dyn Stream>),
+            #[cfg(test)]
+            Connector::Given(stream) => stream
+                .take()
+                .ok_or_else(|| io::Error::other("the stream has closed")),
+        };
+        let name = &self.config.name;
+        match opened {
             Ok(stream) => {
                 if self.down.take().is_some() {
-                    log::info!(target: "bus", "bus {}: port {} is back", self.config.name, self.config.port);
+                    log::info!(target: "bus", bus = name.as_str(); "bus {name}: port {} is back", self.config.port);
                 }
-                self.link = Some(self.attach(stream));
+                self.link = Some(stream);
                 self.reopen_delay = REOPEN_MIN;
                 Ok(())
             }
@@ -260,9 +202,9 @@ impl Bus {
                 let reason = format!("cannot open {}: {e}", self.config.port);
                 // Logged when the outage starts, not at every reopen attempt.
                 if self.down.is_none() {
-                    log::error!(target: "bus", bus = self.config.name.as_str(); "bus {}: {reason}; retrying with backoff up to {}s", self.config.name, REOPEN_MAX.as_secs());
+                    log::error!(target: "bus", bus = name.as_str(); "bus {name}: {reason}; retrying with backoff up to {}s", REOPEN_MAX.as_secs());
                 } else {
-                    log::debug!(target: "bus", "bus {}: {reason}", self.config.name);
+                    log::debug!(target: "bus", "bus {name}: {reason}");
                 }
                 self.port_lost(reason.clone());
                 Err(TxError::Port(reason))
@@ -277,6 +219,20 @@ impl Bus {
         self.reopen_delay = (self.reopen_delay * 2).min(REOPEN_MAX);
     }
 
+    /// A transport error: the port is closed and reopened with backoff.
+    fn transport_failed(&mut self, e: &io::Error) -> TxError {
+        let reason = format!("{} failed: {e}", self.config.port);
+        log::error!(target: "bus", bus = self.config.name.as_str(); "bus {}: {reason}; reopening", self.config.name);
+        self.port_lost(reason.clone());
+        TxError::Port(reason)
+    }
+
+    /// Renews the liveness promise for one attempt bounded by `limit`.
+    fn promise(&self, limit: Duration) {
+        let wait = self.quiet_until.saturating_duration_since(Instant::now());
+        self.alive.promise(wait + 2 * limit);
+    }
+
     /// Runs `request` on `unit`, retrying per the bus config. `timeout`
     /// overrides the bus timeout (a slow device's own). An exception to a
     /// write is final: the slave is alive and said no.
@@ -289,14 +245,14 @@ impl Bus {
         let timeout = timeout.unwrap_or(self.config.timeout);
         let mut attempt = 0;
         loop {
-            let result = self.attempt(unit, request, timeout).await;
+            let result = self.attempt(unit, request, timeout).await.outcome;
             match &result {
                 Ok(_) | Err(TxError::Port(_)) => return result,
                 Err(TxError::Exception(_)) if request.is_write() => return result,
                 Err(_) if attempt >= self.config.retries => return result,
                 Err(e) => log::debug!(
                     target: "bus",
-                    "bus {} unit {unit}: {e}; retry {}/{}",
+                    "bus {} unit {unit}: {request}: {e}; retry {}/{}",
                     self.config.name,
                     attempt + 1,
                     self.config.retries
@@ -308,33 +264,127 @@ impl Bus {
 
     /// One try, no retries: used by `scan`, which probes many silent ids,
     /// and for raw frames, which run as exactly one transaction.
-    pub async fn attempt(
+    pub async fn attempt(&mut self, unit: UnitId, request: &Request, limit: Duration) -> Attempt {
+        let failed = |e| Attempt {
+            outcome: Err(e),
+            pdu: None,
+        };
+        if self.config.mode != BusMode::Rtu {
+            return failed(TxError::Port(
+                "not a Modbus RTU bus (mode = \"transparent\")".into(),
+            ));
+        }
+        if let Err(e) = self.ensure_open() {
+            return failed(e);
+        }
+        self.promise(limit);
+        self.gap.until(self.quiet_until).await;
+        let frame = rtu::adu(unit.get(), &request.pdu());
+        if let Err(e) = self.send(&frame, limit).await {
+            return failed(self.transport_failed(&e));
+        }
+        let deadline = Instant::now() + limit;
+        let result = self.read_reply(unit, request, deadline).await;
+        self.quiet_until = Instant::now() + self.config.frame_gap() + self.config.delay;
+        match result {
+            Ok(Some(pdu)) => Attempt {
+                outcome: request.decode_reply(&pdu),
+                pdu: Some(pdu),
+            },
+            Ok(None) => {
+                self.quiet_until += settle_time(&self.config, limit);
+                failed(if self.rx.is_empty() {
+                    TxError::Timeout(limit)
+                } else {
+                    TxError::Garbled(self.garbage())
+                })
+            }
+            Err(ReadError::Crc) => failed(TxError::Crc),
+            Err(ReadError::Io(e)) => failed(self.transport_failed(&e)),
+        }
+    }
+
+    /// Discards stale input, then writes `bytes`, within `limit`.
+    async fn send(&mut self, bytes: &[u8], limit: Duration) -> io::Result<()> {
+        let link = self
+            .link
+            .as_mut()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))?;
+        link.discard_input()?;
+        match timeout(limit, async {
+            link.write_all(bytes).await?;
+            link.flush().await
+        })
+        .await
+        {
+            Ok(result) => result,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the request could not be written in time",
+            )),
+        }
+    }
+
+    /// Reads until the reply of `unit` to `request` is in `rx` (its PDU is
+    /// returned), a whole frame with a bad CRC came, or `deadline` passed
+    /// (`None`).
+    async fn read_reply(
         &mut self,
         unit: UnitId,
         request: &Request,
-        limit: Duration,
-    ) -> Result<Reply, TxError> {
-        self.ensure_open()?;
-        sleep_until(self.quiet_until).await;
-        let Some(Link::Rtu(ctx)) = self.link.as_mut() else {
-            return Err(TxError::Port(
-                "not open as a Modbus RTU bus (mode = \"transparent\"?)".into(),
-            ));
-        };
-        ctx.set_slave(Slave(unit.get()));
-        let outcome = timeout(limit, ctx.call(request.to_modbus())).await;
-        let gap = self.config.frame_gap() + self.config.delay;
-        self.quiet_until = Instant::now() + gap;
-        match outcome {
-            Err(_) => {
-                self.quiet_until += settle_time(&self.config, limit);
-                Err(TxError::Timeout(limit))
+        deadline: Instant,
+    ) -> Result<Option<Vec<u8>>, ReadError> {
+        self.rx.clear();
+        let link = self
+            .link
+            .as_mut()
+            .ok_or_else(|| ReadError::Io(io::ErrorKind::NotConnected.into()))?;
+        let mut chunk = [0u8; rtu::MAX_FRAME];
+        loop {
+            match rtu::find_reply(&self.rx, unit.get(), request) {
+                Scan::Found(range) => {
+                    return Ok(self
+                        .rx
+                        .get(range.start + 1..range.end - 2)
+                        .map(<[u8]>::to_vec))
+                }
+                Scan::BadCrc => return Err(ReadError::Crc),
+                Scan::Partial | Scan::Nothing => {}
             }
-            Ok(Ok(Ok(response))) => request.accept(response),
-            Ok(Ok(Err(code))) => Err(TxError::Exception(code)),
-            Ok(Err(tokio_modbus::Error::Protocol(e))) => Err(TxError::Mismatch(e.to_string())),
-            Ok(Err(tokio_modbus::Error::Transport(e))) => Err(self.transport_error(e)),
+            match timeout_at(deadline, link.read(&mut chunk)).await {
+                Err(_) => return Ok(None),
+                Ok(Ok(0)) => {
+                    return Err(ReadError::Io(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the line closed",
+                    )))
+                }
+                Ok(Ok(n)) => {
+                    self.rx.extend_from_slice(&chunk[..n]);
+                    // A slave streaming garbage cannot grow the buffer.
+                    if self.rx.len() > 2 * rtu::MAX_FRAME {
+                        let excess = self.rx.len() - rtu::MAX_FRAME;
+                        self.rx.drain(..excess);
+                    }
+                }
+                Ok(Err(e)) => return Err(ReadError::Io(e)),
+            }
         }
+    }
+
+    /// What arrived instead of a reply, for the error message.
+    fn garbage(&self) -> String {
+        let shown = &self.rx[..self.rx.len().min(16)];
+        format!(
+            "{} bytes that are no reply ({}{})",
+            self.rx.len(),
+            to_hex(shown),
+            if self.rx.len() > shown.len() {
+                " …"
+            } else {
+                ""
+            }
+        )
     }
 
     /// Transparent bus: writes `bytes` as they are and returns what arrives
@@ -342,36 +392,40 @@ impl Bus {
     /// [`RAW_REPLY_MAX`] bytes). No reply within the bus timeout is
     /// [`TxError::Timeout`].
     pub async fn exchange(&mut self, bytes: &[u8]) -> Result<Vec<u8>, TxError> {
+        if self.config.mode != BusMode::Transparent {
+            return Err(TxError::Port(
+                "not a transparent bus (mode = \"rtu\")".into(),
+            ));
+        }
         self.ensure_open()?;
-        sleep_until(self.quiet_until).await;
         let limit = self.config.timeout;
+        self.promise(limit);
+        self.gap.until(self.quiet_until).await;
         // The OS timer cannot resolve less than a millisecond.
         let idle = self.config.frame_gap().max(Duration::from_millis(1));
-        let Some(Link::Raw(port)) = self.link.as_mut() else {
-            return Err(TxError::Port(
-                "not open as a transparent bus (mode = \"rtu\"?)".into(),
-            ));
+        if let Err(e) = self.send(bytes, limit).await {
+            return Err(self.transport_failed(&e));
+        }
+        let Some(link) = self.link.as_mut() else {
+            return Err(TxError::Port("the port closed".into()));
         };
         let mut reply = Vec::new();
-        let outcome: io::Result<()> = async {
-            port.write_all(bytes).await?;
-            let mut buf = [0u8; 256];
-            let mut wait = limit;
-            while reply.len() < RAW_REPLY_MAX {
-                match timeout(wait, port.read(&mut buf)).await {
-                    Err(_) => break,
-                    Ok(Ok(0)) => break,
-                    Ok(Ok(n)) => reply.extend_from_slice(&buf[..n]),
-                    Ok(Err(e)) => return Err(e),
-                }
-                wait = idle;
+        let mut buf = [0u8; 256];
+        let mut wait = limit;
+        let outcome: io::Result<()> = loop {
+            if reply.len() >= RAW_REPLY_MAX {
+                break Ok(());
             }
-            Ok(())
-        }
-        .await;
+            match timeout(wait, link.read(&mut buf)).await {
+                Err(_) | Ok(Ok(0)) => break Ok(()),
+                Ok(Ok(n)) => reply.extend_from_slice(&buf[..n]),
+                Ok(Err(e)) => break Err(e),
+            }
+            wait = idle;
+        };
         self.quiet_until = Instant::now() + self.config.frame_gap() + self.config.delay;
         if let Err(e) = outcome {
-            return Err(self.transport_error(e));
+            return Err(self.transport_failed(&e));
         }
         reply.truncate(RAW_REPLY_MAX);
         if reply.is_empty() {
@@ -379,17 +433,284 @@ impl Bus {
         }
         Ok(reply)
     }
+}
 
-    /// Separates a vanished port (reopen it) from a garbled frame (retry).
-    fn transport_error(&mut self, e: io::Error) -> TxError {
-        match e.kind() {
-            io::ErrorKind::InvalidData => TxError::Mismatch(e.to_string()),
-            _ => {
-                let reason = format!("{} failed: {e}", self.config.port);
-                log::error!(target: "bus", bus = self.config.name.as_str(); "bus {}: {reason}; reopening", self.config.name);
-                self.port_lost(reason.clone());
-                TxError::Port(reason)
+enum ReadError {
+    Crc,
+    Io(io::Error),
+}
+
+#[cfg(test)]
+pub(crate) mod fake {
+    //! An in-memory line and a minimal RTU slave on its far end, for unit
+    //! tests that run on tokio's paused clock.
+
+    use super::*;
+    use std::pin::Pin;
+    use std::sync::{Arc, Mutex};
+    use std::task::{Context, Poll};
+    use tokio::io::{DuplexStream, ReadBuf};
+
+    /// Our end of the line.
+    pub(crate) struct End(pub(crate) DuplexStream);
+
+    impl Stream for End {
+        fn discard_input(&mut self) -> io::Result<()> {
+            let waker = futures::task::noop_waker();
+            let mut cx = Context::from_waker(&waker);
+            let mut scratch = [0u8; 256];
+            loop {
+                let mut buf = ReadBuf::new(&mut scratch);
+                match Pin::new(&mut self.0).poll_read(&mut cx, &mut buf) {
+                    Poll::Ready(Ok(())) if !buf.filled().is_empty() => continue,
+                    _ => return Ok(()),
+                }
             }
         }
+    }
+
+    impl AsyncRead for End {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for End {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.0).poll_write(cx, buf)
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_shutdown(cx)
+        }
+    }
+
+    /// What the fake slave answers to one request frame.
+    pub(crate) type Answer = Box<dyn FnMut(&[u8]) -> Vec<Vec<u8>> + Send>;
+
+    /// A slave that holds 64 holding registers and answers FC03/FC06/FC16
+    /// after `think`, logging every request frame.
+    pub(crate) struct Slave {
+        pub(crate) holding: [u16; 64],
+        pub(crate) log: Vec<Vec<u8>>,
+        pub(crate) silent: bool,
+    }
+
+    impl Slave {
+        pub(crate) fn answer(&mut self, frame: &[u8]) -> Option<Vec<u8>> {
+            self.log.push(frame.to_vec());
+            if self.silent {
+                return None;
+            }
+            let (unit, request) = rtu::parse_request(frame).ok()?;
+            let pdu = match request {
+                Request::ReadHolding(a, n) => {
+                    let mut pdu = vec![0x03, u8::try_from(n * 2).ok()?];
+                    for i in a..a + n {
+                        pdu.extend(self.holding.get(usize::from(i))?.to_be_bytes());
+                    }
+                    pdu
+                }
+                Request::WriteRegister(a, v) => {
+                    *self.holding.get_mut(usize::from(a))? = v;
+                    request.pdu()
+                }
+                Request::WriteRegisters(a, ref v) => {
+                    for (i, w) in v.iter().enumerate() {
+                        *self.holding.get_mut(usize::from(a) + i)? = *w;
+                    }
+                    let mut pdu = vec![0x10];
+                    pdu.extend(a.to_be_bytes());
+                    pdu.extend(u16::try_from(v.len()).ok()?.to_be_bytes());
+                    pdu
+                }
+                _ => vec![request.function_code().value() | 0x80, 0x01],
+            };
+            Some(rtu::adu(unit.get(), &pdu))
+        }
+    }
+
+    /// A bus over an in-memory line; the far end answers with `answer`
+    /// (every returned chunk is written after `think`).
+    pub(crate) fn line(config: config::Bus, think: Duration, mut answer: Answer) -> Bus {
+        let (ours, mut theirs) = tokio::io::duplex(4096);
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            while let Ok(n) = theirs.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                let chunks = answer(&buf[..n]);
+                tokio::time::sleep(think).await;
+                for chunk in chunks {
+                    if theirs.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Bus::over(config, Box::new(End(ours)))
+    }
+
+    /// A bus over a line to `slave`.
+    pub(crate) fn slave(config: config::Bus, think: Duration, slave: Arc<Mutex<Slave>>) -> Bus {
+        line(
+            config,
+            think,
+            Box::new(move |frame| {
+                let mut s = slave.lock().unwrap_or_else(|e| e.into_inner());
+                s.answer(frame).into_iter().collect()
+            }),
+        )
+    }
+
+    pub(crate) fn bus_config() -> config::Bus {
+        config::Bus {
+            name: "line".into(),
+            port: "(memory)".into(),
+            baud: 115_200,
+            parity: config::Parity::None,
+            data_bits: 8,
+            stop_bits: 1,
+            timeout: Duration::from_millis(100),
+            retries: 1,
+            delay: Duration::ZERO,
+            mode: BusMode::Rtu,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fake::*;
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    fn unit() -> UnitId {
+        UnitId::new(1).unwrap()
+    }
+
+    fn reply(regs: &[u16]) -> Vec<u8> {
+        let mut pdu = vec![0x03, (regs.len() * 2) as u8];
+        pdu.extend(regs.iter().flat_map(|r| r.to_be_bytes()));
+        rtu::adu(1, &pdu)
+    }
+
+    /// Defect 2: noise, a CRC-failing reply and a CRC-valid reply with a bad
+    /// PDU are each one failed attempt; the port stays open and the next
+    /// attempt (the retry) succeeds.
+    #[tokio::test(start_paused = true)]
+    async fn noise_is_one_failed_attempt_and_the_port_stays_open() {
+        let good = reply(&[0x1234]);
+        let mut bad_crc = good.clone();
+        bad_crc[3] ^= 0xFF;
+        let bad_pdu = rtu::adu(1, &[0x03, 0x02, 0x12]); // byte count says 2, carries 1
+        let garbage = vec![0xA5; 300];
+        let faults = vec![bad_crc, bad_pdu, garbage, good[..5].to_vec()];
+        for fault in faults {
+            let mut calls = 0;
+            let good = good.clone();
+            let mut bus = line(
+                bus_config(),
+                Duration::from_millis(1),
+                Box::new(move |_| {
+                    calls += 1;
+                    if calls == 1 {
+                        vec![fault.clone()]
+                    } else {
+                        vec![good.clone()]
+                    }
+                }),
+            );
+            let got = bus
+                .transact(unit(), &Request::ReadHolding(0, 1), None)
+                .await;
+            assert_eq!(got, Ok(Reply::Registers(vec![0x1234])));
+            assert!(bus.is_open(), "noise must not close the port");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn noise_before_the_reply_is_skipped() {
+        let mut noisy = vec![0x00, 0xFF, 0x01, 0x83];
+        noisy.extend(reply(&[7, 8]));
+        let mut bus = line(
+            bus_config(),
+            Duration::from_millis(1),
+            Box::new(move |_| vec![noisy.clone()]),
+        );
+        let got = bus
+            .transact(unit(), &Request::ReadHolding(0, 2), None)
+            .await;
+        assert_eq!(got, Ok(Reply::Registers(vec![7, 8])));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reply_in_pieces_is_assembled_and_an_exception_is_final_for_writes() {
+        let frame = reply(&[1, 2, 3]);
+        let (a, b) = frame.split_at(4);
+        let (a, b) = (a.to_vec(), b.to_vec());
+        let mut bus = line(
+            bus_config(),
+            Duration::from_millis(1),
+            Box::new(move |_| vec![a.clone(), b.clone()]),
+        );
+        let got = bus
+            .transact(unit(), &Request::ReadHolding(0, 3), None)
+            .await;
+        assert_eq!(got, Ok(Reply::Registers(vec![1, 2, 3])));
+
+        let slave = Arc::new(Mutex::new(Slave {
+            holding: [0; 64],
+            log: vec![],
+            silent: false,
+        }));
+        let mut bus = fake::slave(bus_config(), Duration::from_millis(1), slave.clone());
+        let got = bus
+            .transact(unit(), &Request::WriteCoil(0, true), None)
+            .await;
+        assert!(matches!(got, Err(TxError::Exception(_))), "{got:?}");
+        assert_eq!(
+            slave.lock().unwrap().log.len(),
+            1,
+            "an exception to a write is not retried"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silence_is_a_timeout_after_every_retry_then_the_line_settles() {
+        let slave = Arc::new(Mutex::new(Slave {
+            holding: [0; 64],
+            log: vec![],
+            silent: true,
+        }));
+        let mut config = bus_config();
+        config.retries = 2;
+        let mut bus = fake::slave(config, Duration::ZERO, slave.clone());
+        let start = Instant::now();
+        let got = bus
+            .transact(unit(), &Request::ReadHolding(0, 1), None)
+            .await;
+        assert_eq!(got, Err(TxError::Timeout(Duration::from_millis(100))));
+        assert_eq!(slave.lock().unwrap().log.len(), 3);
+        // Three timeouts and two settle times of 50 ms between them.
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(400) && took < Duration::from_millis(420),
+            "{took:?}"
+        );
+        assert!(bus.is_open());
     }
 }

@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use crate::config::Config;
-use crate::outbox::{self, format_ms, Outbox, OutboxError, Stats};
+use crate::outbox::{self, OutboxError, Stats, Store};
+use crate::record::format_ms;
 
 fn print(stats: &Stats, source: &str) {
     let now = stats.at_ms;
@@ -30,7 +31,7 @@ fn print(stats: &Stats, source: &str) {
 
 pub fn run(config: &Config) -> anyhow::Result<()> {
     let dir = &config.gateway.data_dir;
-    match Outbox::open(dir, config.buffer.max_bytes) {
+    match Store::open(dir, config.buffer.max_bytes) {
         Ok(outbox) => {
             print(
                 &outbox.stats(),

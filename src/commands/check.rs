@@ -70,14 +70,14 @@ pub fn report(config: &Config, source: &str) -> (String, usize) {
                     .iter()
                     .map(|&i| device.points[i].name.as_str())
                     .collect();
-                let (fc, unit) = match block.area {
-                    crate::config::Area::Coil => ("FC01", "bits"),
-                    crate::config::Area::Discrete => ("FC02", "bits"),
-                    crate::config::Area::Input => ("FC04", "registers"),
-                    crate::config::Area::Holding => ("FC03", "registers"),
+                let fc = block.request().function_code().value();
+                let unit = if block.area.is_bits() {
+                    "bits"
+                } else {
+                    "registers"
                 };
                 out += &format!(
-                    "    {fc} {:<8} {:>5} +{:<4} {:<9} {}\n",
+                    "    FC{fc:02X} {:<8} {:>5} +{:<4} {:<9} {}\n",
                     block.area.as_str(),
                     block.start,
                     block.count,

@@ -3,10 +3,13 @@
 
 pub mod buffer;
 pub mod check;
+#[cfg(feature = "sim")]
 pub mod demo;
 pub mod read;
 pub mod scan;
+#[cfg(feature = "sim")]
 pub mod simulate;
+pub mod write;
 
 use std::fmt::Write as _;
 use std::time::Duration;

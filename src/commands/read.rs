@@ -3,37 +3,52 @@
 
 use crate::bus::Bus;
 use crate::commands::{hex_words, Usage};
-use crate::config::Config;
+use crate::config::{Config, Device};
 use crate::poll::{self, plan, Raw};
 
-/// Reads the named points (all if none) and prints them. Fails when no
-/// block could be read.
-pub async fn run(config: &Config, device: &str, names: &[String]) -> anyhow::Result<()> {
-    let Some(device) = config.device(device) else {
+/// The device `name` with only the points `names` (all if empty).
+pub fn select(config: &Config, name: &str, names: &[String]) -> Result<Device, Usage> {
+    let Some(device) = config.device(name) else {
         let known: Vec<&str> = config.devices.iter().map(|d| d.name.as_str()).collect();
         return Err(Usage(format!(
-            "no device {device:?} in the config (devices: {})",
+            "no device {} in the config (devices: {})",
+            crate::text::quote(name),
             known.join(", ")
-        ))
-        .into());
+        )));
     };
     let mut device = device.clone();
     if !names.is_empty() {
         for name in names {
             if device.point(name).is_none() {
-                return Err(Usage(format!("device {} has no point {name:?}", device.name)).into());
+                return Err(Usage(format!(
+                    "device {} has no point {}",
+                    device.name,
+                    crate::text::quote(name)
+                )));
             }
         }
         device.points.retain(|p| names.contains(&p.name));
     }
-    let Some(bus_config) = config.bus(&device.bus) else {
-        return Err(Usage(format!("bus {:?} is not configured", device.bus)).into());
-    };
-    let blocks = plan::plan(&device.points, bus_config);
-    let mut bus = Bus::new(bus_config.clone());
-    let result = poll::read_device(&mut bus, &device, &blocks, None).await;
-    let values = result.values(&device.points, &blocks);
+    Ok(device)
+}
 
+/// Reads the named points (all if none) and prints them. Fails when no
+/// block could be read.
+pub async fn run(config: &Config, device: &str, names: &[String]) -> anyhow::Result<()> {
+    let device = select(config, device, names)?;
+    let Some(bus_config) = config.bus(&device.bus) else {
+        return Err(Usage(format!("bus {} is not configured", device.bus)).into());
+    };
+    let mut bus = Bus::new(bus_config.clone());
+    show(&mut bus, &device).await
+}
+
+/// Reads `device` once on `bus` and prints name, raw registers, value and
+/// unit of each point.
+pub async fn show(bus: &mut Bus, device: &Device) -> anyhow::Result<()> {
+    let blocks = plan::plan(&device.points, bus.config());
+    let result = poll::read_device(bus, device, &blocks).await;
+    let values = result.values(&device.points, &blocks);
     let mut rows = vec![[
         "name".to_string(),
         "raw".into(),
@@ -42,7 +57,9 @@ pub async fn run(config: &Config, device: &str, names: &[String]) -> anyhow::Res
     ]];
     for (block, reply) in blocks.iter().zip(&result.replies) {
         for &i in &block.points {
-            let p = &device.points[i];
+            let Some(p) = device.points.get(i) else {
+                continue;
+            };
             let (raw, value) = match reply {
                 Ok(reply) => (
                     match poll::raw_of(p, block, reply) {
@@ -50,8 +67,9 @@ pub async fn run(config: &Config, device: &str, names: &[String]) -> anyhow::Res
                         Some(Raw::Registers(regs)) => hex_words(regs),
                         None => String::new(),
                     },
-                    values[i]
-                        .as_ref()
+                    values
+                        .get(i)
+                        .and_then(Option::as_ref)
                         .map(ToString::to_string)
                         .unwrap_or_default(),
                 ),
@@ -68,12 +86,13 @@ pub async fn run(config: &Config, device: &str, names: &[String]) -> anyhow::Res
     let widths: Vec<usize> = (0..4)
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
         .collect();
+    let config = bus.config();
     println!(
         "device {} (unit {} on bus {}, {}): {} requests",
         device.name,
         device.unit,
-        bus_config.name,
-        bus_config.port,
+        config.name,
+        config.port,
         blocks.len()
     );
     for row in &rows {

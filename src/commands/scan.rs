@@ -2,9 +2,10 @@
 
 use std::ops::RangeInclusive;
 
-use crate::bus::{Bus, Reply, Request, TxError};
+use crate::bus::Bus;
 use crate::commands::{hex_words, human, Usage};
 use crate::config::{Config, UnitId};
+use crate::modbus::{Reply, Request, TxError};
 
 /// Parses `A-B` (or a single id) within 1..247.
 pub fn parse_units(text: &str) -> Result<RangeInclusive<u8>, String> {
@@ -14,7 +15,7 @@ pub fn parse_units(text: &str) -> Result<RangeInclusive<u8>, String> {
             .parse::<u8>()
             .ok()
             .filter(|u| UnitId::new(*u).is_some())
-            .ok_or_else(|| format!("{s:?} is not a unit id (1..247)"))
+            .ok_or_else(|| format!("{} is not a unit id (1..247)", crate::text::quote(s)))
     };
     let (a, b) = (parse(a)?, parse(b)?);
     if a > b {
@@ -29,7 +30,8 @@ pub async fn run(config: &Config, bus_name: &str, units: RangeInclusive<u8>) -> 
     let Some(bus_config) = config.bus(bus_name) else {
         let known: Vec<&str> = config.buses.iter().map(|b| b.name.as_str()).collect();
         return Err(Usage(format!(
-            "no bus {bus_name:?} in the config (buses: {})",
+            "no bus {} in the config (buses: {})",
+            crate::text::quote(bus_name),
             known.join(", ")
         ))
         .into());
@@ -51,7 +53,7 @@ pub async fn run(config: &Config, bus_name: &str, units: RangeInclusive<u8>) -> 
             continue;
         };
         let probe = Request::ReadHolding(0, 1);
-        match bus.attempt(unit, &probe, bus_config.timeout).await {
+        match bus.attempt(unit, &probe, bus_config.timeout).await.outcome {
             Ok(Reply::Registers(regs)) => {
                 found += 1;
                 println!("unit {id}: answers (holding 0 = {})", hex_words(&regs));
@@ -65,7 +67,7 @@ pub async fn run(config: &Config, bus_name: &str, units: RangeInclusive<u8>) -> 
                 );
             }
             Err(TxError::Port(e)) => anyhow::bail!("{e}"),
-            Err(TxError::Mismatch(e)) => {
+            Err(e @ (TxError::Garbled(_) | TxError::Crc)) => {
                 println!("unit {id}: garbled answer ({e}); check baud/parity")
             }
             Err(TxError::Timeout(_)) => {}

@@ -40,11 +40,7 @@ impl Located {
         let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
         let line = text[..start].matches('\n').count() + 1;
         let column = text[line_start..start].chars().count() + 1;
-        let source_line = text[line_start..]
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .to_string();
+        let source_line = mask_secrets(text[line_start..].lines().next().unwrap_or_default());
         Located {
             path: path.to_path_buf(),
             line,
@@ -80,6 +76,36 @@ impl fmt::Display for Located {
         }
         Ok(())
     }
+}
+
+/// Keys whose values are credentials.
+const SECRET_KEYS: [&str; 5] = [
+    "access_token",
+    "project_key",
+    "password",
+    "token",
+    "username",
+];
+
+/// `line` with the value of any credential key replaced by `********`, so
+/// an error excerpt (in a terminal, a journal, a support ticket) never
+/// shows a secret.
+fn mask_secrets(line: &str) -> String {
+    for key in SECRET_KEYS {
+        let mut from = 0;
+        while let Some(at) = line[from..].find(key).map(|i| i + from) {
+            let before_ok = line[..at]
+                .chars()
+                .next_back()
+                .is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'));
+            let rest = line[at + key.len()..].trim_start();
+            if before_ok && rest.starts_with('=') {
+                return format!("{}{key} = ********", &line[..at]);
+            }
+            from = at + key.len();
+        }
+    }
+    line.to_string()
 }
 
 /// Reads and validates the config file at `path`.
@@ -230,6 +256,52 @@ type = "u16"
         // The same attribute on a sub-device is a different platform device.
         let keyed = second.replace("unit = 2", "unit = 2\nkey = \"k\"");
         parse(Path::new("t.toml"), &format!("{MINIMAL}{keyed}")).unwrap();
+    }
+
+    #[test]
+    fn secrets_never_appear_in_an_error_excerpt() {
+        let text = "[gateway]\nid = \"gw\"\n[platform]\nhost = \"h\"\naccess_token = \"abc\"\nproject_key = \"s3cr3t\" x\n";
+        let e = error_of(text);
+        let shown = e.to_string();
+        assert_eq!(e.line, 6, "{shown}");
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        assert!(shown.contains("project_key = ********"), "{shown}");
+        assert_eq!(mask_secrets("  password=\"p\""), "  password = ********");
+        assert_eq!(mask_secrets("tokens = 1"), "tokens = 1");
+        assert_eq!(
+            mask_secrets("x = { token = \"t\" }"),
+            "x = { token = ********"
+        );
+    }
+
+    #[test]
+    fn a_missing_or_empty_ca_file_is_a_config_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        for ca in [dir.path().join("missing.pem"), empty] {
+            let text = format!(
+                "[gateway]\nid = \"gw\"\n[platform]\nhost = \"h\"\naccess_token = \"a\"\nproject_key = \"k\"\ntls = true\nca_file = \"{}\"\n",
+                ca.display()
+            );
+            let e = error_of(&text);
+            assert_eq!((e.line, e.column), (8, 11), "{e}");
+            assert!(e.message.contains(&ca.display().to_string()), "{e}");
+        }
+    }
+
+    #[test]
+    fn baud_and_durations_are_bounded() {
+        let e =
+            error_of(&MINIMAL.replace("port = \"/dev/null\"", "port = \"/dev/null\"\nbaud = 110"));
+        assert!(e.message.contains("300"), "{}", e.message);
+        let e = error_of(&MINIMAL.replace("unit = 1", "unit = 1\npoll = \"1000000000years\""));
+        assert!(e.message.contains("at most"), "{}", e.message);
+        let e = error_of(&MINIMAL.replace(
+            "port = \"/dev/null\"",
+            "port = \"/dev/null\"\ntimeout = \"2h\"",
+        ));
+        assert!(e.message.contains("at most 1m"), "{}", e.message);
     }
 
     #[test]

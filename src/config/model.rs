@@ -5,31 +5,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// A Modbus slave id, 1..=247.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct UnitId(u8);
-
-impl UnitId {
-    pub const MIN: u8 = 1;
-    pub const MAX: u8 = 247;
-
-    pub fn new(id: u8) -> Option<Self> {
-        (Self::MIN..=Self::MAX).contains(&id).then_some(Self(id))
-    }
-
-    pub fn get(self) -> u8 {
-        self.0
-    }
-}
-
-impl fmt::Display for UnitId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-/// A 0-based Modbus protocol address (register 40001 = holding 0).
-pub type Address = u16;
+pub use crate::modbus::{Address, Area, UnitId};
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -87,10 +63,80 @@ pub enum Profile {
     },
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// TLS toward the broker, with the trust anchors read when the config was
+/// loaded: a config that names an unreadable or empty CA file never loads,
+/// so a reload cannot fail later for want of one.
+#[derive(Clone)]
 pub struct Tls {
     /// `None`: the system's root certificates.
     pub ca_file: Option<PathBuf>,
+    roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// The client configuration built from them.
+    pub client: std::sync::Arc<rustls::ClientConfig>,
+}
+
+impl Tls {
+    /// Reads `ca_file` (or the system roots) and builds the client config.
+    pub fn load(ca_file: Option<&std::path::Path>) -> Result<Self, String> {
+        use rustls::pki_types::{pem::PemObject, CertificateDer};
+        let roots: Vec<CertificateDer<'static>> = match ca_file {
+            Some(path) => {
+                let certs = CertificateDer::pem_file_iter(path)
+                    .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+                    .map_err(|e| {
+                        format!("cannot read CA certificates from {}: {e}", path.display())
+                    })?;
+                if certs.is_empty() {
+                    return Err(format!("{} holds no PEM certificate", path.display()));
+                }
+                certs
+            }
+            None => rustls_native_certs::load_native_certs().certs,
+        };
+        let mut store = rustls::RootCertStore::empty();
+        for cert in &roots {
+            if let Err(e) = store.add(cert.clone()) {
+                match ca_file {
+                    Some(path) => {
+                        return Err(format!("invalid CA certificate in {}: {e}", path.display()))
+                    }
+                    // A malformed system certificate is skipped, not fatal.
+                    None => continue,
+                }
+            }
+        }
+        if store.is_empty() {
+            return Err(
+                "no system root certificates found; install ca-certificates or set ca_file".into(),
+            );
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS setup: {e}"))?
+            .with_root_certificates(store)
+            .with_no_client_auth();
+        Ok(Self {
+            ca_file: ca_file.map(std::path::Path::to_path_buf),
+            roots,
+            client: std::sync::Arc::new(client),
+        })
+    }
+}
+
+impl PartialEq for Tls {
+    fn eq(&self, other: &Self) -> bool {
+        self.ca_file == other.ca_file && self.roots == other.roots
+    }
+}
+
+impl fmt::Debug for Tls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tls")
+            .field("ca_file", &self.ca_file)
+            .field("roots", &self.roots.len())
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -172,55 +218,6 @@ pub struct Device {
 impl Device {
     pub fn point(&self, name: &str) -> Option<&Point> {
         self.points.iter().find(|p| p.name == name)
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Area {
-    Coil,
-    Discrete,
-    Input,
-    Holding,
-}
-
-impl Area {
-    /// Coils and discrete inputs are bit areas; the others are 16-bit registers.
-    pub fn is_bits(self) -> bool {
-        matches!(self, Area::Coil | Area::Discrete)
-    }
-
-    /// The protocol's per-request limit: 2000 bits or 125 registers.
-    pub fn max_per_read(self) -> u16 {
-        if self.is_bits() {
-            2000
-        } else {
-            125
-        }
-    }
-
-    /// "a coil", "an input register": for messages.
-    pub fn noun(self) -> &'static str {
-        match self {
-            Area::Coil => "a coil",
-            Area::Discrete => "a discrete input",
-            Area::Input => "an input register",
-            Area::Holding => "a holding register",
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Area::Coil => "coil",
-            Area::Discrete => "discrete",
-            Area::Input => "input",
-            Area::Holding => "holding",
-        }
-    }
-}
-
-impl fmt::Display for Area {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 

@@ -13,9 +13,9 @@ use super::model::*;
 
 /// A rule violation at a byte range of the source.
 #[derive(Debug)]
-pub struct Violation {
-    pub span: Range<usize>,
-    pub message: String,
+pub(super) struct Violation {
+    pub(super) span: Range<usize>,
+    pub(super) message: String,
 }
 
 type Result<T> = std::result::Result<T, Violation>;
@@ -29,7 +29,7 @@ fn violation<T>(span: Range<usize>, message: impl Into<String>) -> Result<T> {
 
 /// A duration written as `"250ms"`, `"5s"`, `"1m"`.
 #[derive(Debug, Clone, Copy)]
-pub struct Dur(pub Duration);
+pub(super) struct Dur(pub(super) Duration);
 
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
@@ -44,7 +44,7 @@ impl<'de> Deserialize<'de> for Dur {
 
 /// A size written as `"64MiB"`, `"500kB"`.
 #[derive(Debug, Clone, Copy)]
-pub struct Size(pub u64);
+pub(super) struct Size(pub(super) u64);
 
 impl<'de> Deserialize<'de> for Size {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
@@ -61,7 +61,7 @@ impl<'de> Deserialize<'de> for Size {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawConfig {
+pub(super) struct RawConfig {
     gateway: RawGateway,
     platform: Option<Spanned<RawPlatform>>,
     #[serde(default)]
@@ -96,15 +96,14 @@ struct RawPlatform {
     profile: Option<RawProfile>,
     host: Spanned<String>,
     port: Option<Spanned<i64>>,
-    #[serde(default)]
-    tls: bool,
+    tls: Option<Spanned<bool>>,
     ca_file: Option<Spanned<PathBuf>>,
     access_token: Option<Spanned<String>>,
     project_key: Option<Spanned<String>>,
     username: Option<Spanned<String>>,
     password: Option<Spanned<String>>,
     topic_prefix: Option<Spanned<String>>,
-    keep_alive: Option<Dur>,
+    keep_alive: Option<Spanned<Dur>>,
     max_publish_rate: Option<Spanned<f64>>,
 }
 
@@ -127,8 +126,8 @@ struct RawBus {
     stop_bits: Option<Spanned<u8>>,
     timeout: Option<Spanned<Dur>>,
     #[serde(default = "default_retries")]
-    retries: u32,
-    delay: Option<Dur>,
+    retries: Spanned<u32>,
+    delay: Option<Spanned<Dur>>,
     #[serde(default)]
     mode: RawMode,
 }
@@ -137,8 +136,8 @@ fn default_baud() -> Spanned<u32> {
     Spanned::new(0..0, 9600)
 }
 
-fn default_retries() -> u32 {
-    1
+fn default_retries() -> Spanned<u32> {
+    Spanned::new(0..0, 1)
 }
 
 #[derive(Deserialize, Default, Clone, Copy)]
@@ -305,11 +304,27 @@ fn check_identifier(name: &Spanned<String>) -> Result<String> {
     }
 }
 
-fn positive(d: &Spanned<Dur>, what: &str) -> Result<Duration> {
-    if d.get_ref().0.is_zero() {
+/// Longest poll interval and heartbeat: a day.
+const MAX_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+/// Longest response timeout and inter-transaction delay.
+const MAX_TIMEOUT: Duration = Duration::from_secs(60);
+const MAX_DELAY: Duration = Duration::from_secs(10);
+/// MQTT keep-alive is a 16-bit number of seconds.
+const MAX_KEEP_ALIVE: Duration = Duration::from_secs(65_535);
+
+/// A duration longer than 0 and at most `max`: every later computation on
+/// it (deadlines, backoff multiples) stays far from overflow.
+fn positive(d: &Spanned<Dur>, what: &str, max: Duration) -> Result<Duration> {
+    let value = d.get_ref().0;
+    if value.is_zero() {
         violation(d.span(), format!("{what} must be longer than 0"))
+    } else if value > max {
+        violation(
+            d.span(),
+            format!("{what} must be at most {}", humantime::format_duration(max)),
+        )
     } else {
-        Ok(d.get_ref().0)
+        Ok(value)
     }
 }
 
@@ -340,7 +355,7 @@ impl<'a> Unique<'a> {
 }
 
 impl RawConfig {
-    pub fn into_config(self) -> Result<Config> {
+    pub(super) fn into_config(self) -> Result<Config> {
         let raw_gateway = self.gateway;
         let gateway = Gateway {
             id: check_name(&raw_gateway.id, "gateway id")?,
@@ -511,23 +526,26 @@ fn convert_platform(raw: Spanned<RawPlatform>, gateway_id: &str) -> Result<Platf
             }
         }
     };
+    let tls_on = raw.tls.as_ref().is_some_and(|t| *t.get_ref());
     let port = match raw.port {
         Some(p) => u16::try_from(*p.get_ref())
             .ok()
             .filter(|&p| p != 0)
             .map_or_else(|| violation(p.span(), "port must be 1..65535"), Ok)?,
-        None if raw.tls => 8883,
+        None if tls_on => 8883,
         None => 1883,
     };
     if raw.host.get_ref().trim().is_empty() {
         return violation(raw.host.span(), "host must not be empty");
     }
-    let tls = match (raw.tls, raw.ca_file) {
-        (true, ca) => Some(Tls {
-            ca_file: ca.map(Spanned::into_inner),
-        }),
-        (false, Some(ca)) => return violation(ca.span(), "ca_file is only used with tls = true"),
-        (false, None) => None,
+    let tls = match (&raw.tls, raw.ca_file) {
+        (Some(on), ca) if *on.get_ref() => {
+            let span = ca.as_ref().map_or_else(|| on.span(), Spanned::span);
+            let ca = ca.map(Spanned::into_inner);
+            Some(Tls::load(ca.as_deref()).or_else(|e| violation(span, e))?)
+        }
+        (_, Some(ca)) => return violation(ca.span(), "ca_file is only used with tls = true"),
+        (_, None) => None,
     };
     let max_publish_rate = match raw.max_publish_rate {
         Some(r) if !r.get_ref().is_finite() || *r.get_ref() < 0.0 => {
@@ -546,15 +564,18 @@ fn convert_platform(raw: Spanned<RawPlatform>, gateway_id: &str) -> Result<Platf
         host: raw.host.into_inner(),
         port,
         tls,
-        keep_alive: raw.keep_alive.map_or(Duration::from_secs(60), |d| d.0),
+        keep_alive: match &raw.keep_alive {
+            Some(k) => positive(k, "keep_alive", MAX_KEEP_ALIVE)?,
+            None => Duration::from_secs(60),
+        },
         max_publish_rate,
     })
 }
 
 fn convert_bus(raw: RawBus) -> Result<Bus> {
     let name = check_name(&raw.name, "bus name")?;
-    if *raw.baud.get_ref() == 0 {
-        return violation(raw.baud.span(), "baud must be greater than 0");
+    if !(300..=4_000_000).contains(raw.baud.get_ref()) {
+        return violation(raw.baud.span(), "baud must be 300..4000000");
     }
     let data_bits = match raw.data_bits {
         Some(b) if !(5..=8).contains(b.get_ref()) => {
@@ -571,8 +592,15 @@ fn convert_bus(raw: RawBus) -> Result<Bus> {
         None => 1,
     };
     let timeout = match &raw.timeout {
-        Some(t) => positive(t, "timeout")?,
+        Some(t) => positive(t, "timeout", MAX_TIMEOUT)?,
         None => Duration::from_millis(500),
+    };
+    let delay = match &raw.delay {
+        Some(d) if d.get_ref().0 > MAX_DELAY => {
+            return violation(d.span(), "delay must be at most 10s")
+        }
+        Some(d) => d.get_ref().0,
+        None => Duration::ZERO,
     };
     Ok(Bus {
         name,
@@ -586,8 +614,11 @@ fn convert_bus(raw: RawBus) -> Result<Bus> {
         data_bits,
         stop_bits,
         timeout,
-        retries: raw.retries,
-        delay: raw.delay.map_or(Duration::ZERO, |d| d.0),
+        retries: match raw.retries {
+            r if *r.get_ref() > 10 => return violation(r.span(), "retries must be 0..10"),
+            r => r.into_inner(),
+        },
+        delay,
         mode: match raw.mode {
             RawMode::Rtu => BusMode::Rtu,
             RawMode::Transparent => BusMode::Transparent,
@@ -638,7 +669,7 @@ fn convert_device(raw: Spanned<RawDevice>, buses: &[Bus]) -> Result<Device> {
             Ok,
         )?;
     let poll = match &raw.poll {
-        Some(p) => positive(p, "poll")?,
+        Some(p) => positive(p, "poll", MAX_INTERVAL)?,
         None => Duration::from_secs(5),
     };
     let key = match raw.key {
@@ -652,7 +683,7 @@ fn convert_device(raw: Spanned<RawDevice>, buses: &[Bus]) -> Result<Device> {
         None => None,
     };
     let heartbeat = match &raw.heartbeat {
-        Some(h) => positive(h, "heartbeat")?,
+        Some(h) => positive(h, "heartbeat", MAX_INTERVAL)?,
         None => Duration::from_secs(300),
     };
     let report = match raw.report {
@@ -662,7 +693,7 @@ fn convert_device(raw: Spanned<RawDevice>, buses: &[Bus]) -> Result<Device> {
     let timeout = raw
         .timeout
         .as_ref()
-        .map(|t| positive(t, "timeout"))
+        .map(|t| positive(t, "timeout", MAX_TIMEOUT))
         .transpose()?;
     if raw.points.is_empty() {
         return violation(

@@ -1,77 +1,49 @@
 //! The platform side: one MQTT connection (rumqttc, QoS 1, TLS via rustls)
-//! that publishes the outbox in order, removes what the broker acknowledged
-//! and keeps reconnecting with capped exponential backoff. Downlink messages
-//! are handed to the router untouched.
+//! owned by one task. It drives the [`publisher`] state machine — the
+//! outbox in order, each record removed when the broker acknowledged it —
+//! and hands downlink messages to the router untouched. It never ends on
+//! its own: every failure is a reconnect with capped backoff.
 
 pub mod profile;
+pub mod publisher;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant as StdInstant};
 
-use anyhow::Context as _;
 use rumqttc::{
-    AsyncClient, ConnectionError, Event, LastWill, MqttOptions, Outgoing, Packet, QoS, Transport,
+    AsyncClient, ConnectionError, Event, LastWill, MqttOptions, Outgoing as MqttOutgoing, Packet,
+    QoS, StateError, Transport,
 };
-use rustls::pki_types::{pem::PemObject, CertificateDer};
-use std::collections::{HashMap, VecDeque};
-
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep, sleep_until, Instant};
 
 use crate::config::{Platform, Profile};
-use crate::outbox::{Outbox, Record};
+use crate::outbox::Outbox;
 use crate::router::Incoming;
-use profile::Message;
+use crate::text::quote;
+use publisher::{Outgoing, Phase, Publisher, READ_AHEAD, RECONNECT_MAX};
 
-const RECONNECT_MIN: Duration = Duration::from_secs(1);
-const RECONNECT_MAX: Duration = Duration::from_secs(60);
-
-/// The rustls client config: the CA file if given, else the system roots.
-/// The broker's certificate is verified against `host`.
-pub fn tls_config(ca_file: Option<&std::path::Path>) -> anyhow::Result<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    match ca_file {
-        Some(path) => {
-            let certs = CertificateDer::pem_file_iter(path)
-                .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
-                .with_context(|| format!("cannot read CA certificates from {}", path.display()))?;
-            if certs.is_empty() {
-                anyhow::bail!("{} holds no PEM certificate", path.display());
-            }
-            for cert in certs {
-                roots
-                    .add(cert)
-                    .with_context(|| format!("invalid CA certificate in {}", path.display()))?;
-            }
-        }
-        None => {
-            let found = rustls_native_certs::load_native_certs();
-            for cert in found.certs {
-                // A malformed system certificate is skipped, not fatal.
-                let _ = roots.add(cert);
-            }
-            if roots.is_empty() {
-                anyhow::bail!("no system root certificates found; install ca-certificates or set platform.ca_file");
-            }
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .context("TLS setup")?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
-}
+/// Largest packet we publish; a message over it is discarded, not sent.
+pub const MAX_OUTGOING_PACKET: usize = 256 * 1024;
+/// Largest packet we take from the broker. Larger downlink payloads than
+/// 64 KiB are dropped by the router anyway; this only bounds what one
+/// message may cost before it is dropped. A bigger one breaks the
+/// connection in rumqttc (MQTT 3.1.1 cannot tell the broker a limit), so a
+/// topic whose retained message is over it is left unsubscribed.
+pub const MAX_INCOMING_PACKET: usize = 1024 * 1024;
+/// An oversized packet this soon after a SUBACK is blamed on that topic's
+/// retained message.
+const RETAINED_WINDOW: Duration = Duration::from_secs(5);
 
 /// MQTT connection options per SPEC §5/§6: client id = gateway id, clean
 /// session, credentials and last will per profile.
-pub fn mqtt_options(gateway_id: &str, platform: &Platform) -> anyhow::Result<MqttOptions> {
+pub fn mqtt_options(gateway_id: &str, platform: &Platform) -> MqttOptions {
     let mut options = MqttOptions::new(gateway_id, &platform.host, platform.port);
     options
-        .set_keep_alive(platform.keep_alive.max(Duration::from_secs(1)))
+        .set_keep_alive(platform.keep_alive)
         .set_clean_session(true)
-        .set_max_packet_size(256 * 1024, 256 * 1024);
+        .set_max_packet_size(MAX_INCOMING_PACKET, MAX_OUTGOING_PACKET);
     match &platform.profile {
         Profile::ThingsCloud {
             access_token,
@@ -91,12 +63,11 @@ pub fn mqtt_options(gateway_id: &str, platform: &Platform) -> anyhow::Result<Mqt
         options.set_last_will(LastWill::new(topic, "offline", QoS::AtLeastOnce, true));
     }
     if let Some(tls) = &platform.tls {
-        let config = tls_config(tls.ca_file.as_deref())?;
         options.set_transport(Transport::tls_with_config(
-            rumqttc::TlsConfiguration::Rustls(Arc::new(config)),
+            rumqttc::TlsConfiguration::Rustls(tls.client.clone()),
         ));
     }
-    Ok(options)
+    options
 }
 
 fn describe(e: &ConnectionError) -> String {
@@ -108,135 +79,125 @@ fn describe(e: &ConnectionError) -> String {
     }
 }
 
-/// Publications handed to rumqttc and not yet acknowledged. QoS 1 packet ids
-/// are assigned by the event loop in the order we publish, so the records
-/// behind each publication are matched to its id first-in, first-out.
-#[derive(Default)]
-struct Window {
-    /// Published, packet id not yet seen.
-    unassigned: VecDeque<Vec<u64>>,
-    /// Sent, waiting for PUBACK: packet id → outbox sequence numbers.
-    inflight: HashMap<u16, Vec<u64>>,
+/// An incoming packet over [`MAX_INCOMING_PACKET`] broke the connection.
+fn oversized_incoming(e: &ConnectionError) -> Option<usize> {
+    match e {
+        ConnectionError::MqttState(StateError::Deserialization(
+            rumqttc::Error::PayloadSizeLimitExceeded(size),
+        )) => Some(*size),
+        _ => None,
+    }
 }
 
-impl Window {
-    fn len(&self) -> usize {
-        self.unassigned.len() + self.inflight.len()
-    }
+/// The downlink topics and which of them are still subscribed to.
+struct Subscriptions {
+    topics: Vec<String>,
+    /// Topics left out: their retained message breaks the connection.
+    skipped: Vec<String>,
+    /// SUBACKs seen on this connection, and when the last came.
+    acked: usize,
+    last_ack: Option<StdInstant>,
+}
 
-    fn assigned(&mut self, pkid: u16) {
-        if let Some(seqs) = self.unassigned.pop_front() {
-            self.inflight.insert(pkid, seqs);
+impl Subscriptions {
+    fn new(platform: &Platform) -> Self {
+        Self {
+            topics: profile::downlink_topics(&platform.profile),
+            skipped: Vec::new(),
+            acked: 0,
+            last_ack: None,
         }
     }
 
-    fn acked(&mut self, pkid: u16) -> Vec<u64> {
-        self.inflight.remove(&pkid).unwrap_or_default()
-    }
-
-    fn clear(&mut self) {
-        self.unassigned.clear();
-        self.inflight.clear();
-    }
-}
-
-/// At most this many publications wait for PUBACK at once.
-const WINDOW: usize = 32;
-/// Records read from the outbox at a time.
-const READ_AHEAD: usize = 512;
-
-/// The outbox in send order, read in chunks so that a message costs one
-/// decode, not a scan.
-#[derive(Default)]
-struct Queue {
-    ahead: VecDeque<(u64, Record)>,
-    /// The last sequence number read from the outbox.
-    read_to: Option<u64>,
-}
-
-impl Queue {
-    /// Starts again from the oldest record (after a reconnect).
-    fn rewind(&mut self) {
-        self.ahead.clear();
-        self.read_to = None;
-    }
-
-    /// The next message and the records it carries.
-    fn next(&mut self, outbox: &Outbox, profile: &Profile) -> Option<(Message, Vec<u64>)> {
-        if self.ahead.len() < READ_AHEAD / 2 {
-            let more = outbox.after(self.read_to, READ_AHEAD);
-            if let Some((seq, _)) = more.last() {
-                self.read_to = Some(*seq);
+    /// One SUBSCRIBE per topic, so a retained message can be told apart.
+    fn subscribe(&mut self, client: &AsyncClient) {
+        self.acked = 0;
+        self.last_ack = None;
+        for topic in self.topics.iter().filter(|t| !self.skipped.contains(t)) {
+            if let Err(e) = client.try_subscribe(topic, QoS::AtLeastOnce) {
+                log::error!(target: "platform", "cannot subscribe to {topic}: {e}");
             }
-            self.ahead.extend(more);
         }
-        if self.ahead.is_empty() {
-            return None;
+    }
+
+    fn suback(&mut self) {
+        self.acked += 1;
+        self.last_ack = Some(StdInstant::now());
+    }
+
+    /// An oversized packet broke the connection: if it came right after a
+    /// SUBACK, that topic's retained message is the cause; it is left out.
+    fn blame(&mut self, size: usize) {
+        let recent = self.last_ack.is_some_and(|t| t.elapsed() < RETAINED_WINDOW);
+        let active: Vec<&String> = self
+            .topics
+            .iter()
+            .filter(|t| !self.skipped.contains(t))
+            .collect();
+        match (
+            recent,
+            self.acked.checked_sub(1).and_then(|i| active.get(i)),
+        ) {
+            (true, Some(topic)) => {
+                let topic = (*topic).clone();
+                log::error!(target: "platform", "a {size}-byte message (over the {MAX_INCOMING_PACKET}-byte limit) arrives right after subscribing to {topic}: probably a retained message there. Not subscribing to {topic} until restart; clear the retained message on the broker");
+                self.skipped.push(topic);
+            }
+            _ => {
+                log::warn!(target: "platform", "dropped a {size}-byte message from the broker (over the {MAX_INCOMING_PACKET}-byte limit); reconnecting")
+            }
         }
-        let n = profile::batch_len(profile, self.ahead.iter().map(|(_, r)| r));
-        let taken: Vec<(u64, Record)> = self.ahead.drain(..n).collect();
-        let (seqs, records): (Vec<u64>, Vec<Record>) = taken.into_iter().unzip();
-        Some((profile::message(profile, &records), seqs))
     }
 }
 
-/// Publishes the outbox in order until `shutdown`: QoS 1, at most
-/// `max_publish_rate` messages per second, at most [`WINDOW`] unacknowledged,
-/// each record removed from the outbox when its PUBACK arrives. After a
-/// reconnect everything unacknowledged is sent again from the oldest.
+/// Runs the connection until `shutdown`. `downlink` gets every message the
+/// broker delivers (`None`: publish only).
 pub async fn run(
     gateway_id: &str,
     platform: &Platform,
-    outbox: Arc<Outbox>,
+    outbox: Outbox,
     downlink: Option<mpsc::Sender<Incoming>>,
     connected_flag: Arc<AtomicBool>,
     mut shutdown: watch::Receiver<bool>,
-) -> anyhow::Result<()> {
-    let options = mqtt_options(gateway_id, platform)?;
-    let (client, mut eventloop) = AsyncClient::new(options, WINDOW + 8);
+) {
+    let options = mqtt_options(gateway_id, platform);
+    let (client, mut eventloop) = AsyncClient::new(options, publisher::WINDOW + 8);
     // Small packets (PUBACKs, downlink) must not wait for Nagle's algorithm.
     let mut network = eventloop.network_options();
     network.set_tcp_nodelay(true);
     eventloop.set_network_options(network);
     let status = profile::status_topic(&platform.profile);
-    let spacing = platform
-        .max_publish_rate
-        .map(|rate| Duration::from_secs_f64(1.0 / rate));
-    let mut window = Window::default();
-    let mut connected = false;
-    let mut queue = Queue::default();
-    let mut next: Option<(Message, Vec<u64>)> = None;
-    let mut next_slot = Instant::now();
-    let mut backoff = RECONNECT_MIN;
+    let mut publisher = Publisher::new(
+        platform.profile.clone(),
+        platform.max_publish_rate,
+        MAX_OUTGOING_PACKET,
+    );
+    let mut subscriptions = Subscriptions::new(platform);
     let mut last_error: Option<String> = None;
     'run: loop {
-        let open = connected && window.len() < WINDOW;
-        if open && next.is_none() {
-            next = queue.next(&outbox, &platform.profile);
+        if publisher.wants_records() {
+            let records = outbox.read(publisher.read_position(), READ_AHEAD).await;
+            publisher.refill(records);
         }
+        let ready = publisher.ready_at();
         tokio::select! {
             biased;
             () = crate::stopped(&mut shutdown) => break,
             event = eventloop.poll() => match event {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     log::info!(target: "platform", "connected to the broker");
-                    backoff = RECONNECT_MIN;
                     last_error = None;
-                    connected = true;
+                    publisher.connected();
                     connected_flag.store(true, Ordering::Relaxed);
                     if let Some(topic) = &status {
-                        window.unassigned.push_back(Vec::new());
+                        publisher.untracked();
                         let _ = client.try_publish(topic, QoS::AtLeastOnce, true, "online");
                     }
                     if downlink.is_some() {
-                        let topics = profile::downlink_topics(&platform.profile)
-                            .into_iter()
-                            .map(|t| rumqttc::SubscribeFilter::new(t, QoS::AtLeastOnce));
-                        if let Err(e) = client.try_subscribe_many(topics) {
-                            log::error!(target: "platform", "cannot subscribe to the downlink topics: {e}");
-                        }
+                        subscriptions.subscribe(&client);
                     }
                 }
+                Ok(Event::Incoming(Packet::SubAck(_))) => subscriptions.suback(),
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
                     if let Some(downlink) = &downlink {
                         let message = Incoming {
@@ -244,26 +205,22 @@ pub async fn run(
                             payload: publish.payload.to_vec(),
                         };
                         if downlink.try_send(message).is_err() {
-                            log::warn!(target: "platform", "downlink queue full: a message was dropped");
+                            log::warn!(target: "platform", "downlink queue full: a message on {} was dropped", quote(&publish.topic));
                         }
                     }
                 }
-                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => window.assigned(pkid),
-                Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                    if let Err(e) = outbox.remove(&window.acked(ack.pkid)) {
-                        log::error!(target: "platform", "{e}");
-                    }
-                }
+                Ok(Event::Outgoing(MqttOutgoing::Publish(pkid))) => publisher.assigned(pkid),
+                Ok(Event::Incoming(Packet::PubAck(ack))) => outbox.ack(publisher.acked(ack.pkid)),
                 Ok(_) => {}
                 Err(e) => {
                     // rumqttc would resend its own copies; the outbox resends
                     // everything unacknowledged instead, in order.
                     eventloop.pending.clear();
-                    window.clear();
-                    connected = false;
                     connected_flag.store(false, Ordering::Relaxed);
-                    queue.rewind();
-                    next = None;
+                    if let Some(size) = oversized_incoming(&e) {
+                        subscriptions.blame(size);
+                    }
+                    let wait = publisher.disconnected();
                     let text = describe(&e);
                     if last_error.as_deref() != Some(text.as_str()) {
                         log::warn!(target: "platform", "broker connection: {text}; retrying with backoff up to {}s", RECONNECT_MAX.as_secs());
@@ -271,31 +228,33 @@ pub async fn run(
                     }
                     tokio::select! {
                         () = crate::stopped(&mut shutdown) => break 'run,
-                        () = sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(RECONNECT_MAX);
-                }
-            },
-            () = sleep_until(next_slot), if open && next.is_some() => {
-                if let Some((message, seqs)) = next.take() {
-                    window.unassigned.push_back(seqs);
-                    if client
-                        .try_publish(message.topic, QoS::AtLeastOnce, message.retain, message.payload)
-                        .is_err()
-                    {
-                        // Cannot happen while the window is smaller than the
-                        // request channel; resend from the oldest if it does.
-                        window.clear();
-                        queue.rewind();
-                    }
-                    if let Some(spacing) = spacing {
-                        next_slot = Instant::now().max(next_slot) + spacing;
+                        () = sleep(wait) => {}
                     }
                 }
             },
-            () = outbox.appended(), if open && next.is_none() => {}
+            () = sleep_until(ready.unwrap_or_else(Instant::now)), if ready.is_some() => {
+                match publisher.take(Instant::now()) {
+                    Some(Outgoing::Publish(message, _)) => {
+                        let sent = client.try_publish(message.topic, QoS::AtLeastOnce, message.retain, message.payload);
+                        // A full request channel cannot happen while the window
+                        // is smaller than it; resend from the oldest if it does.
+                        if sent.is_err() {
+                            publisher.rewind();
+                        }
+                    }
+                    Some(Outgoing::Discard(seqs, why)) => {
+                        log::error!(target: "platform", "dropped {} record(s) that can never be published: {why}", seqs.len());
+                        outbox.discard(seqs);
+                    }
+                    None => {}
+                }
+            },
+            // New records join the read-ahead before the next slot, so that
+            // what waits together is combined.
+            () = outbox.appended(), if publisher.phase() != Phase::BackingOff => publisher.appended(),
         }
     }
+    connected_flag.store(false, Ordering::Relaxed);
     if let Some(topic) = status {
         let _ = client.try_publish(topic, QoS::AtLeastOnce, true, "offline");
     }
@@ -304,15 +263,12 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         loop {
             match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                    let _ = outbox.remove(&window.acked(ack.pkid));
-                }
-                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => window.assigned(pkid),
-                Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                Ok(Event::Incoming(Packet::PubAck(ack))) => outbox.ack(publisher.acked(ack.pkid)),
+                Ok(Event::Outgoing(MqttOutgoing::Publish(pkid))) => publisher.assigned(pkid),
+                Ok(Event::Outgoing(MqttOutgoing::Disconnect)) | Err(_) => break,
                 Ok(_) => {}
             }
         }
     })
     .await;
-    Ok(())
 }

@@ -4,7 +4,7 @@
 use serde_json::json;
 
 use crate::config::Profile;
-use crate::outbox::{Body, Record};
+use crate::record::{Body, Record};
 
 /// One MQTT publication.
 #[derive(Debug, Clone, PartialEq)]

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use crate::bus::Request;
 use crate::config::{self, Address, Area, Point};
+use crate::modbus::Request;
 
 /// Time a slave is allowed to think between request and response, on top of
 /// the wire time, when estimating a cycle.
@@ -22,12 +22,7 @@ pub struct Block {
 
 impl Block {
     pub fn request(&self) -> Request {
-        match self.area {
-            Area::Coil => Request::ReadCoils(self.start, self.count),
-            Area::Discrete => Request::ReadDiscretes(self.start, self.count),
-            Area::Input => Request::ReadInput(self.start, self.count),
-            Area::Holding => Request::ReadHolding(self.start, self.count),
-        }
+        Request::read(self.area, self.start, self.count)
     }
 
     fn end(&self) -> u32 {

@@ -95,7 +95,7 @@ fn thingscloud(topic: &str, payload: &[u8]) -> Result<Downlink, DownlinkError> {
         }
         ["command", "send", id] if !id.is_empty() => Ok(Downlink::Command {
             target: Target::Own,
-            id: Value::String((*id).to_string()),
+            id: command_id(Value::String((*id).to_string()))?,
             method: method(&object(payload)?)?,
         }),
         ["gateway", "command", "send"] => {
@@ -108,7 +108,7 @@ fn thingscloud(topic: &str, payload: &[u8]) -> Result<Downlink, DownlinkError> {
             };
             Ok(Downlink::Command {
                 target: Target::Key(key.clone()),
-                id: command.get("id").cloned().unwrap_or(Value::Null),
+                id: command_id(command.get("id").cloned().unwrap_or(Value::Null))?,
                 method: method(command)?,
             })
         }
@@ -123,7 +123,7 @@ fn generic(rest: &str, payload: &[u8]) -> Result<Downlink, DownlinkError> {
         ["stream", stream, "set"] if !stream.is_empty() => frame(stream, payload),
         ["command", id] if !id.is_empty() => Ok(Downlink::Command {
             target: Target::Any,
-            id: Value::String((*id).to_string()),
+            id: command_id(Value::String((*id).to_string()))?,
             method: method(&object(payload)?)?,
         }),
         [device, "set"] if !device.is_empty() => Ok(Downlink::Push(vec![(
@@ -142,6 +142,27 @@ fn object(payload: &[u8]) -> Result<Map<String, Value>, DownlinkError> {
         Ok(Value::Object(map)) => Ok(map),
         Ok(_) => Err(DownlinkError::Shape("the payload must be a JSON object")),
         Err(e) => Err(DownlinkError::Json(e.to_string())),
+    }
+}
+
+/// Longest command id accepted: it is echoed in the reply's topic.
+const MAX_ID: usize = 64;
+
+/// A command id is echoed in the reply (and its topic): a number, or a
+/// short string without wildcards or separators.
+fn command_id(id: Value) -> Result<Value, DownlinkError> {
+    match &id {
+        Value::Null | Value::Number(_) => Ok(id),
+        Value::String(s)
+            if s.len() <= MAX_ID
+                && !s.contains(['/', '+', '#'])
+                && !s.chars().any(char::is_control) =>
+        {
+            Ok(id)
+        }
+        _ => Err(DownlinkError::Shape(
+            "\"id\" must be a number or a short string",
+        )),
     }
 }
 
@@ -278,6 +299,14 @@ mod tests {
 
     #[test]
     fn malformed_input_is_an_error_not_a_panic() {
+        let long_id = format!("command/send/{}", "9".repeat(65));
+        assert!(parse(&tc(), &long_id, br#"{"method": "m"}"#).is_err());
+        assert!(parse(
+            &tc(),
+            "gateway/command/send",
+            br#"{"device": "k", "command": {"id": {"a": [1,2,3]}, "method": "m"}}"#
+        )
+        .is_err());
         let bad: [(&str, &[u8]); 9] = [
             ("attributes/push", b"{"),
             ("attributes/push", b"[1,2]"),

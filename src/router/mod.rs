@@ -1,26 +1,33 @@
-//! The router: downlink messages from the platform → jobs on the right bus.
+//! The router: downlink messages from the platform → typed jobs for the
+//! right bus owner.
 //!
 //! Each message is parsed ([`downlink`]) and checked against the config
 //! before anything is queued: a push as a whole ([`write`]), a command by
-//! its method, a raw frame by its CRC, length and unit. Only then does a job
-//! go to the bus owner, which runs it between two poll transactions. Replies,
-//! events and read-back reports go to the outbox like every uplink message.
-//! Nothing from the network reaches a bus unchecked, and nothing panics.
+//! its method, a raw frame by its CRC, length and unit. Only then does a
+//! [`Job`] go to the bus owner, which runs it between two poll transactions
+//! and reports its outcome. Rejections are told to the platform within a
+//! budget ([`gate`]). Nothing from the network reaches a bus unchecked,
+//! nothing of it is echoed unbounded, and nothing panics.
 
 pub mod downlink;
+mod gate;
 pub mod write;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
-use crate::bus::{frame, Bus};
-use crate::config::{BusMode, Config, Encoding};
-use crate::outbox::{Body, Outbox, Record};
-use crate::poll::Job;
+use crate::bus::RAW_REPLY_MAX;
+use crate::config::{BusMode, Config};
+use crate::modbus::rtu;
+use crate::outbox::Outbox;
+use crate::poll::job::{CommandReply, Job, StreamReply};
+use crate::record::Record;
+use crate::text::{clip, from_hex, quote};
 use downlink::{Downlink, Target};
+use gate::Gate;
 
 /// One MQTT message from the platform.
 #[derive(Debug, Clone)]
@@ -34,41 +41,34 @@ pub struct Router {
     config: Arc<Config>,
     /// Job queue of each bus's owner, by bus name.
     buses: HashMap<String, mpsc::Sender<Job>>,
-    outbox: Arc<Outbox>,
+    outbox: Outbox,
+    gate: Gate,
 }
 
 impl Router {
     pub fn new(
         config: Arc<Config>,
         buses: HashMap<String, mpsc::Sender<Job>>,
-        outbox: Arc<Outbox>,
+        outbox: Outbox,
     ) -> Self {
+        let rate = config.platform.as_ref().and_then(|p| p.max_publish_rate);
         Self {
             config,
             buses,
             outbox,
+            gate: Gate::new(rate),
         }
     }
 
-    /// Handles downlink messages until `shutdown` or the platform side ends.
-    pub async fn run(
-        self,
-        mut incoming: mpsc::Receiver<Incoming>,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
-        loop {
-            tokio::select! {
-                () = crate::stopped(&mut shutdown) => return,
-                message = incoming.recv() => match message {
-                    Some(message) => self.handle(&message),
-                    None => return,
-                },
-            }
-        }
+    /// Routes to the bus owners of a new config (after a reload); the
+    /// budget carries over.
+    pub fn reconfigure(&mut self, config: Arc<Config>, buses: HashMap<String, mpsc::Sender<Job>>) {
+        self.config = config;
+        self.buses = buses;
     }
 
     /// Handles one message; malformed ones are logged and dropped.
-    pub fn handle(&self, message: &Incoming) {
+    pub fn handle(&mut self, message: &Incoming) {
         let Some(platform) = &self.config.platform else {
             return;
         };
@@ -77,75 +77,62 @@ impl Router {
             Ok(Downlink::Command { target, id, method }) => self.command(&target, id, &method),
             Ok(Downlink::Frame { stream, payload }) => self.frame(&stream, &payload),
             Err(e) => {
-                log::warn!(target: "router", "dropped a message on {:?}: {e}", truncate(&message.topic))
+                log::warn!(target: "router", "dropped a message on {}: {e}", quote(&message.topic))
             }
         }
     }
 
-    fn push(&self, pushes: &[(Target, Map<String, Value>)]) {
+    /// Publishes the merged counts of rejections held back by the budget.
+    pub fn tick(&mut self) {
+        for record in self.gate.summaries() {
+            self.outbox.append(record);
+        }
+    }
+
+    /// Tells the platform of a rejection, within the budget.
+    fn reject(&mut self, record: Record) {
+        if let Some(record) = self.gate.reject(record) {
+            self.outbox.append(record);
+        }
+    }
+
+    fn push(&mut self, pushes: &[(Target, Map<String, Value>)]) {
         let plans = match write::plan(&self.config, pushes) {
             Ok(plans) => plans,
             Err(rejection) => {
-                log::warn!(target: "router", "write rejected, nothing written: {}: {}", truncate(&rejection.attribute), rejection.reason);
+                log::warn!(target: "router", "write rejected, nothing written: {}: {}", quote(&rejection.attribute), rejection.reason);
                 let mut params =
                     json!({ "attribute": rejection.attribute, "reason": rejection.reason });
                 if let Some(target) = rejection.target {
                     params["target"] = target.into();
                 }
-                self.outbox.push(&Record::event("write_rejected", params));
-                return;
+                return self.reject(Record::event("write_rejected", params));
             }
         };
+        if plans.is_empty() {
+            return;
+        }
+        if !self.gate.admit() {
+            log::warn!(target: "router", "write not accepted: too many downlink requests");
+            return self.reject(Record::event(
+                "write_rejected",
+                json!({ "attribute": "", "reason": "too many downlink requests; nothing written" }),
+            ));
+        }
         for plan in plans {
-            let outbox = self.outbox.clone();
-            let (bus, device) = (plan.device.bus.clone(), plan.device.name.clone());
-            self.submit(&bus, move |bus| {
-                Box::pin(async move {
-                    match write::execute(bus, &plan).await {
-                        Ok(reading) => {
-                            log::info!(target: "router", device = plan.device.name.as_str(); "device {}: wrote {}", plan.device.name, names(&plan));
-                            if let Some(reading) = reading {
-                                outbox.push(&reading.into());
-                            }
-                        }
-                        Err(e) => {
-                            log::warn!(target: "router", device = plan.device.name.as_str(); "device {}: {e}", plan.device.name);
-                            outbox.push(&Record::event(
-                                "write_failed",
-                                json!({ "device": plan.device.name, "error": e.to_string() }),
-                            ));
-                        }
-                    }
-                })
-            })
-            .unwrap_or_else(|reason| {
-                self.outbox.push(&Record::event(
-                    "write_failed",
-                    json!({ "device": device, "error": reason }),
-                ));
-            });
+            let bus = plan.device.bus.clone();
+            self.submit(&bus, Job::Write { plan, reply: None });
         }
     }
 
-    fn command(&self, target: &Target, id: Value, method: &str) {
-        let key = match target {
-            Target::Key(key) => Some(key.clone()),
-            _ => None,
-        };
-        let reply = {
-            let (key, id, method) = (key.clone(), id.clone(), method.to_string());
-            move |result: Result<(), String>| {
-                let params = match result {
-                    Ok(()) => json!({ "ok": true }),
-                    Err(error) => json!({ "ok": false, "error": error }),
-                };
-                Record::now(Body::Reply {
-                    key,
-                    id,
-                    method,
-                    params: params.as_object().cloned().unwrap_or_default(),
-                })
-            }
+    fn command(&mut self, target: &Target, id: Value, method: &str) {
+        let reply = CommandReply {
+            key: match target {
+                Target::Key(key) => Some(clip(key)),
+                _ => None,
+            },
+            id,
+            method: clip(method),
         };
         let found = self.config.commands.iter().find(|c| {
             c.name == method
@@ -157,10 +144,9 @@ impl Router {
         let (Some(command), Some(device)) =
             (found, found.and_then(|c| self.config.device(&c.device)))
         else {
-            log::warn!(target: "router", "unknown command method {:?}", truncate(method));
-            self.outbox
-                .push(&reply(Err(format!("unknown method {method:?}"))));
-            return;
+            log::warn!(target: "router", "unknown command method {}", quote(method));
+            let error = format!("unknown method \"{}\"", clip(method));
+            return self.reject(reply.record(Err(error)));
         };
         // Checked when the config was loaded; checked again, never trusted.
         let mut plans = Vec::new();
@@ -168,12 +154,7 @@ impl Router {
             let target = Target::Device(device.name.clone());
             let values = Map::from_iter([(step.point.clone(), step.value.clone())]);
             match write::plan(&self.config, &[(target, values)]) {
-                Ok(mut plan) if plan.len() == 1 => plans.push(plan.remove(0)),
-                Ok(_) => {
-                    return self
-                        .outbox
-                        .push(&reply(Err(format!("write {} has no point", i + 1))))
-                }
+                Ok(plan) => plans.extend(plan),
                 Err(r) => {
                     let error = format!(
                         "write {} of {} ({}): {}",
@@ -182,155 +163,104 @@ impl Router {
                         r.attribute,
                         r.reason
                     );
-                    return self.outbox.push(&reply(Err(error)));
+                    return self.reject(reply.record(Err(error)));
                 }
             }
         }
-        let outbox = self.outbox.clone();
-        let name = command.name.clone();
-        let reply_to = reply.clone();
-        let submitted = self.submit(&device.bus, move |bus| {
-            Box::pin(async move {
-                let total = plans.len();
-                let mut result = Ok(());
-                for (i, plan) in plans.iter().enumerate() {
-                    if let Err(e) = write::execute(bus, plan).await {
-                        result = Err(format!(
-                            "write {} of {total} ({}): {}",
-                            i + 1,
-                            e.points,
-                            e.error
-                        ));
-                        break;
-                    }
-                }
-                match &result {
-                    Ok(()) => log::info!(target: "router", "command {name}: done"),
-                    Err(e) => log::warn!(target: "router", "command {name}: {e}"),
-                }
-                outbox.push(&reply_to(result));
-            })
-        });
-        if let Err(reason) = submitted {
-            self.outbox.push(&reply(Err(reason)));
+        if !self.gate.admit() {
+            log::warn!(target: "router", "command {} not accepted: too many downlink requests", command.name);
+            return self.reject(reply.record(Err("too many downlink requests; not run".into())));
         }
+        let (bus, name) = (device.bus.clone(), command.name.clone());
+        self.submit(&bus, Job::Command { name, plans, reply });
     }
 
-    fn frame(&self, stream_name: &str, payload: &[u8]) {
+    fn frame(&mut self, stream_name: &str, payload: &[u8]) {
         let Some(stream) = self.config.streams.iter().find(|s| s.name == stream_name) else {
-            log::warn!(target: "router", "dropped a frame for unknown stream {:?}", truncate(stream_name));
+            log::warn!(target: "router", "dropped a frame for unknown stream {}", quote(stream_name));
             return;
         };
-        let rejected = |reason: String| {
-            log::warn!(target: "router", "stream {}: frame not sent: {reason}", stream.name);
-            self.outbox.push(&Record::event(
-                "frame_rejected",
-                json!({ "stream": stream.name, "reason": reason }),
-            ));
+        let (name, bus) = (stream.name.clone(), stream.bus.clone());
+        let reply = StreamReply {
+            name: stream.name.clone(),
+            encoding: stream.encoding,
         };
         let bytes = match stream.encoding {
-            Encoding::Binary => payload.to_vec(),
-            Encoding::Hex => match std::str::from_utf8(payload)
+            crate::config::Encoding::Binary => payload.to_vec(),
+            crate::config::Encoding::Hex => match std::str::from_utf8(payload)
                 .map_err(|e| e.to_string())
-                .and_then(frame::from_hex)
+                .and_then(from_hex)
             {
                 Ok(bytes) => bytes,
-                Err(e) => return rejected(format!("not hex text: {e}")),
+                Err(e) => return self.frame_rejected(&name, format!("not hex text: {e}")),
             },
         };
-        let Some(bus_config) = self.config.bus(&stream.bus) else {
-            return rejected(format!("bus {} is not configured", stream.bus));
+        let Some(bus_config) = self.config.bus(&bus) else {
+            return self.frame_rejected(&name, format!("bus {bus} is not configured"));
         };
-        let encoding = stream.encoding;
-        let name = stream.name.clone();
-        let outbox = self.outbox.clone();
-        let respond = move |result: Result<Vec<u8>, String>| match result {
-            Ok(reply) => {
-                let payload = match encoding {
-                    Encoding::Binary => reply,
-                    Encoding::Hex => frame::to_hex(&reply).into_bytes(),
-                };
-                outbox.push(&Record::now(Body::Stream { name, payload }));
-            }
-            Err(error) => {
-                log::warn!(target: "router", "stream {name}: {error}");
-                outbox.push(&Record::event(
-                    "frame_timeout",
-                    json!({ "stream": name, "error": error }),
-                ));
-            }
-        };
-        let submitted = match bus_config.mode {
+        let job = match bus_config.mode {
             BusMode::Transparent => {
-                if bytes.is_empty() || bytes.len() > crate::bus::RAW_REPLY_MAX {
-                    return rejected(format!(
-                        "{} bytes; 1 to {} allowed",
-                        bytes.len(),
-                        crate::bus::RAW_REPLY_MAX
-                    ));
+                if bytes.is_empty() || bytes.len() > RAW_REPLY_MAX {
+                    let reason = format!("{} bytes; 1 to {RAW_REPLY_MAX} allowed", bytes.len());
+                    return self.frame_rejected(&name, reason);
                 }
-                self.submit(&stream.bus, move |bus| {
-                    Box::pin(async move {
-                        respond(bus.exchange(&bytes).await.map_err(|e| e.to_string()));
-                    })
-                })
+                Job::Exchange {
+                    bytes,
+                    stream: reply,
+                }
             }
             BusMode::Rtu => {
-                let (unit, request) = match frame::parse_request(&bytes) {
+                let (unit, request) = match rtu::parse_request(&bytes) {
                     Ok(parsed) => parsed,
-                    Err(e) => return rejected(e.to_string()),
+                    Err(e) => return self.frame_rejected(&name, e.to_string()),
                 };
-                let Some(device) = self.config.devices_on(&stream.bus).find(|d| d.unit == unit)
-                else {
-                    return rejected(format!(
-                        "unit {unit} is not configured on bus {}",
-                        stream.bus
-                    ));
+                let Some(device) = self.config.devices_on(&bus).find(|d| d.unit == unit) else {
+                    return self.frame_rejected(
+                        &name,
+                        format!("unit {unit} is not configured on bus {bus}"),
+                    );
                 };
-                let timeout = device.timeout.unwrap_or(bus_config.timeout);
-                self.submit(&stream.bus, move |bus| {
-                    Box::pin(async move {
-                        let outcome = bus.attempt(unit, &request, timeout).await;
-                        respond(match frame::response_frame(unit, &request, &outcome) {
-                            Some(reply) => Ok(reply),
-                            None => Err(outcome.err().map_or_else(String::new, |e| e.to_string())),
-                        });
-                    })
-                })
+                Job::Frame {
+                    unit,
+                    request,
+                    timeout: device.timeout.unwrap_or(bus_config.timeout),
+                    stream: reply,
+                }
             }
         };
-        if let Err(reason) = submitted {
-            rejected(reason);
+        if !self.gate.admit() {
+            return self.frame_rejected(&name, "too many downlink requests; not sent".into());
+        }
+        self.submit(&bus, job);
+    }
+
+    fn frame_rejected(&mut self, stream: &str, reason: String) {
+        log::warn!(target: "router", "stream {stream}: frame not sent: {reason}");
+        self.reject(Record::event(
+            "frame_rejected",
+            json!({ "stream": stream, "reason": reason }),
+        ));
+    }
+
+    /// Queues `job` for the owner of `bus`, ahead of its next poll
+    /// transaction; a job that cannot be queued is answered at once.
+    fn submit(&mut self, bus: &str, job: Job) {
+        let (job, reason) = match self.buses.get(bus) {
+            None => (job, format!("bus {bus} is not running")),
+            Some(jobs) => match jobs.try_send(job) {
+                Ok(()) => return,
+                Err(mpsc::error::TrySendError::Full(job)) => (
+                    job,
+                    format!("bus {bus} is busy: too many queued downlink jobs"),
+                ),
+                Err(mpsc::error::TrySendError::Closed(job)) => {
+                    (job, format!("bus {bus} has stopped"))
+                }
+            },
+        };
+        log::warn!(target: "router", "{reason}");
+        for record in job.refuse(&reason) {
+            self.reject(record);
         }
     }
-
-    /// Queues `job` for the owner of `bus`, ahead of its next transaction.
-    fn submit(
-        &self,
-        bus: &str,
-        job: impl for<'a> FnOnce(&'a mut Bus) -> futures::future::BoxFuture<'a, ()> + Send + 'static,
-    ) -> Result<(), String> {
-        let Some(jobs) = self.buses.get(bus) else {
-            return Err(format!("bus {bus} is not running"));
-        };
-        jobs.try_send(Box::new(job)).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => {
-                format!("bus {bus} is busy: too many queued downlink jobs")
-            }
-            mpsc::error::TrySendError::Closed(_) => format!("bus {bus} has stopped"),
-        })
-    }
-}
-
-fn names(plan: &write::WritePlan) -> String {
-    plan.writes
-        .iter()
-        .map(|(p, _)| p.name.as_str())
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// At most 64 characters of something from the network, for a log line.
-fn truncate(text: &str) -> String {
-    text.chars().take(64).collect()
 }

@@ -1,5 +1,4 @@
-//! Opening a serial port with the bus settings, and the transport wrapper that
-//! keeps a late reply from being taken as the answer to the next request.
+//! Opening a serial port with the bus settings.
 
 use std::io;
 use std::pin::Pin;
@@ -8,13 +7,14 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_serial::{ClearBuffer, SerialPort, SerialPortBuilderExt, SerialStream};
 
+use super::Stream;
 use crate::config::{self, Parity};
 
 /// Opens `bus.port` in raw mode with the bus's line settings. serialport
 /// opens it exclusively (TIOCEXCL, which root bypasses, and a flock, which
 /// it does not), so a second opener gets "Unable to acquire exclusive lock
 /// on serial port" instead of interleaved frames.
-pub fn open(bus: &config::Bus) -> io::Result<SerialStream> {
+pub(crate) fn open(bus: &config::Bus) -> io::Result<Serial> {
     let data_bits = match bus.data_bits {
         5 => tokio_serial::DataBits::Five,
         6 => tokio_serial::DataBits::Six,
@@ -35,51 +35,46 @@ pub fn open(bus: &config::Bus) -> io::Result<SerialStream> {
         })
         .flow_control(tokio_serial::FlowControl::None)
         .open_native_async()
+        .map(Serial)
         .map_err(io::Error::from)
 }
 
-/// A serial stream that drops whatever input is pending each time a request
-/// is written. On a half-duplex line nothing that arrives before our request
-/// is complete can be its answer, so such bytes are always stale: typically a
-/// slow slave's reply to a request that already timed out.
-#[derive(Debug)]
-pub struct Port {
-    inner: SerialStream,
-}
+/// An open serial port.
+pub(crate) struct Serial(SerialStream);
 
-impl Port {
-    pub fn new(inner: SerialStream) -> Self {
-        Self { inner }
+impl Stream for Serial {
+    /// On a half-duplex line nothing that arrived before our request can be
+    /// its answer: typically a slow slave's reply to a request that already
+    /// timed out. The kernel's input queue is flushed.
+    fn discard_input(&mut self) -> io::Result<()> {
+        self.0.clear(ClearBuffer::Input).map_err(io::Error::from)
     }
 }
 
-impl AsyncRead for Port {
+impl AsyncRead for Serial {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        Pin::new(&mut self.0).poll_read(cx, buf)
     }
 }
 
-impl AsyncWrite for Port {
+impl AsyncWrite for Serial {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if let Err(e) = self.inner.clear(ClearBuffer::Input) {
-            return Poll::Ready(Err(io::Error::from(e)));
-        }
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        Pin::new(&mut self.0).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        Pin::new(&mut self.0).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }

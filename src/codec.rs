@@ -1,5 +1,6 @@
-//! Registers ⇄ values: a point's type, byte order, bit and scale/offset
-//! applied one way for readings and the exact inverse way for writes.
+//! The register codec: registers ⇄ values. A point's type, byte order, bit
+//! and scale/offset applied one way for readings (the poller, `read`) and
+//! the exact inverse way for writes (the router, the simulator).
 
 use crate::config::{Kind, Order, Point};
 
@@ -180,8 +181,11 @@ pub enum EncodeError {
 
 /// Encodes an engineering value for a register point: the exact inverse of
 /// [`decode_registers`], with `(value - offset) / scale` rounded to the
-/// nearest integer for integer types. A `RegisterBit` point encodes the
-/// register it lives in, given that register's `current` content.
+/// nearest integer for integer types. An integer value for an unscaled
+/// integer point is written exactly, without a step through `f64`. A
+/// `RegisterBit` point encodes the register it lives in, given that
+/// register's `current` content as read from the wire: the bit is set in the
+/// same logical (byte-order corrected) register that decoding tests.
 pub fn encode_registers(
     point: &Point,
     value: &Value,
@@ -191,13 +195,19 @@ pub fn encode_registers(
         let Value::Bool(on) = value else {
             return Err(EncodeError::WrongType("true or false"));
         };
+        let logical = u16::from_be_bytes(array(&to_be_bytes(&[current], point.order)));
         let reg = match point.kind {
-            Kind::RegisterBit(bit) if *on => current | 1 << bit,
-            Kind::RegisterBit(bit) => current & !(1 << bit),
+            Kind::RegisterBit(bit) if *on => logical | 1 << bit,
+            Kind::RegisterBit(bit) => logical & !(1 << bit),
             _ => u16::from(*on),
         };
         return Ok(from_be_bytes(&reg.to_be_bytes(), point.order));
     }
+    let exact = match value {
+        Value::Int(i) => Some(i128::from(*i)),
+        Value::UInt(u) => Some(i128::from(*u)),
+        _ => None,
+    };
     let Some(v) = value.as_f64().filter(|_| !matches!(value, Value::Bool(_))) else {
         return Err(EncodeError::WrongType("a number"));
     };
@@ -205,31 +215,35 @@ pub fn encode_registers(
         point.min.unwrap_or(f64::NEG_INFINITY),
         point.max.unwrap_or(f64::INFINITY),
     );
-    if !v.is_finite() || v < min || v > max {
+    let below = |bound: f64| match exact {
+        Some(i) => less(i, bound),
+        None => v < bound,
+    };
+    let above = |bound: f64| match exact {
+        Some(i) => less_f(bound, i),
+        None => v > bound,
+    };
+    if !v.is_finite() || below(min) || above(max) {
         return Err(EncodeError::OutOfRange { value: v, min, max });
     }
     let raw = (v - point.offset) / point.scale;
-    let int = |lo: f64, hi: f64| -> Result<i128, EncodeError> {
-        let r = raw.round();
-        if r < lo || r > hi {
-            Err(EncodeError::TypeRange(v))
-        } else {
-            Ok(r as i128)
+    // An integer register gets an integer: exact when no scaling applies,
+    // otherwise the rounded scaled value, range-checked without wrapping.
+    let int = || -> Result<i128, EncodeError> {
+        match exact {
+            Some(i) if point.is_unscaled() => Ok(i),
+            _ if raw.is_finite() && raw.abs() < 1e38 => Ok(raw.round() as i128),
+            _ => Err(EncodeError::TypeRange(v)),
         }
     };
+    let range = |_| EncodeError::TypeRange(v);
     let bytes: Vec<u8> = match point.kind {
-        Kind::U16 => (int(0.0, u16::MAX.into())? as u16).to_be_bytes().to_vec(),
-        Kind::I16 => (int(i16::MIN.into(), i16::MAX.into())? as i16)
-            .to_be_bytes()
-            .to_vec(),
-        Kind::U32 => (int(0.0, u32::MAX.into())? as u32).to_be_bytes().to_vec(),
-        Kind::I32 => (int(i32::MIN.into(), i32::MAX.into())? as i32)
-            .to_be_bytes()
-            .to_vec(),
-        Kind::U64 => (int(0.0, u64::MAX as f64)? as u64).to_be_bytes().to_vec(),
-        Kind::I64 => (int(i64::MIN as f64, i64::MAX as f64)? as i64)
-            .to_be_bytes()
-            .to_vec(),
+        Kind::U16 => u16::try_from(int()?).map_err(range)?.to_be_bytes().to_vec(),
+        Kind::I16 => i16::try_from(int()?).map_err(range)?.to_be_bytes().to_vec(),
+        Kind::U32 => u32::try_from(int()?).map_err(range)?.to_be_bytes().to_vec(),
+        Kind::I32 => i32::try_from(int()?).map_err(range)?.to_be_bytes().to_vec(),
+        Kind::U64 => u64::try_from(int()?).map_err(range)?.to_be_bytes().to_vec(),
+        Kind::I64 => i64::try_from(int()?).map_err(range)?.to_be_bytes().to_vec(),
         Kind::F32 => {
             if raw.abs() > f64::from(f32::MAX) {
                 return Err(EncodeError::TypeRange(v));
@@ -242,6 +256,24 @@ pub fn encode_registers(
         }
     };
     Ok(from_be_bytes(&bytes, point.order))
+}
+
+/// `a < b`, exactly, for an integer and a float bound.
+fn less(a: i128, b: f64) -> bool {
+    if b.is_nan() {
+        return false;
+    }
+    let af = a as f64;
+    af < b || (af == b && b.abs() < 1e38 && a < b as i128)
+}
+
+/// `a < b`, exactly, for a float bound and an integer.
+fn less_f(a: f64, b: i128) -> bool {
+    if a.is_nan() {
+        return false;
+    }
+    let bf = b as f64;
+    a < bf || (a == bf && a.abs() < 1e38 && (a as i128) < b)
 }
 
 /// Encodes ASCII text into a string point's registers, NUL-padded.
@@ -562,5 +594,68 @@ mod tests {
             encode_registers(&p, &Value::Bool(true), 0),
             Err(EncodeError::WrongType("a number"))
         );
+    }
+
+    /// Defect 3: a bit write must change only that bit of the logical
+    /// register that decoding tests, in every byte order.
+    #[test]
+    fn a_bit_write_changes_only_its_bit_in_every_order() {
+        for order in [Order::Abcd, Order::Dcba, Order::Badc, Order::Cdab] {
+            for bit in [0u8, 3, 8, 15] {
+                let p = point(Kind::RegisterBit(bit), order);
+                // The register as the slave holds it: logical 0x0012, on the
+                // wire in this order.
+                let wire = from_be_bytes(&0x0012u16.to_be_bytes(), order)[0];
+                let set = encode_registers(&p, &Value::Bool(true), wire).unwrap();
+                let logical = u16::from_be_bytes(array(&to_be_bytes(&set, order)));
+                assert_eq!(logical, 0x0012 | 1 << bit, "{order:?} bit {bit}");
+                assert_eq!(decode_registers(&p, &set), Value::Bool(true), "{order:?}");
+                // Every other bit reads as before.
+                for other in (0..16u8).filter(|b| *b != bit) {
+                    let q = point(Kind::RegisterBit(other), order);
+                    assert_eq!(
+                        decode_registers(&q, &set),
+                        decode_registers(&q, &[wire]),
+                        "{order:?}: setting bit {bit} changed bit {other}"
+                    );
+                }
+                let cleared = encode_registers(&p, &Value::Bool(false), set[0]).unwrap();
+                assert_eq!(cleared, [wire], "{order:?} bit {bit}");
+            }
+        }
+    }
+
+    /// Defect 7: 64-bit integers are written exactly, never wrapped.
+    #[test]
+    fn sixty_four_bit_writes_are_exact() {
+        let p = point(Kind::I64, Order::Abcd);
+        let regs = encode_registers(&p, &Value::Int(i64::MAX), 0).unwrap();
+        assert_eq!(regs, [0x7FFF, 0xFFFF, 0xFFFF, 0xFFFF]);
+        assert_eq!(decode_registers(&p, &regs), Value::Int(i64::MAX));
+        let regs = encode_registers(&p, &Value::Int(i64::MIN), 0).unwrap();
+        assert_eq!(regs, [0x8000, 0, 0, 0]);
+        assert_eq!(
+            encode_registers(&p, &Value::UInt(1 << 63), 0),
+            Err(EncodeError::TypeRange(9_223_372_036_854_775_808.0))
+        );
+        let u = point(Kind::U64, Order::Abcd);
+        let regs = encode_registers(&u, &Value::UInt(u64::MAX), 0).unwrap();
+        assert_eq!(regs, [0xFFFF; 4]);
+        assert_eq!(decode_registers(&u, &regs), Value::UInt(u64::MAX));
+        let regs = encode_registers(&u, &Value::UInt(u64::MAX - 1), 0).unwrap();
+        assert_eq!(regs, [0xFFFF, 0xFFFF, 0xFFFF, 0xFFFE]);
+        // Above 2^53 every integer survives.
+        let big = (1u64 << 53) + 1;
+        let regs = encode_registers(&u, &Value::UInt(big), 0).unwrap();
+        assert_eq!(decode_registers(&u, &regs), Value::Int(big as i64));
+        assert!(encode_registers(&u, &Value::Int(-1), 0).is_err());
+        // A float just past the type's end is refused, not saturated.
+        assert!(encode_registers(&u, &Value::Float(18_446_744_073_709_551_616.0), 0).is_err());
+        assert!(encode_registers(&p, &Value::Float(9_223_372_036_854_775_808.0), 0).is_err());
+        // min/max bounds are exact for integers too.
+        let mut bounded = point(Kind::I64, Order::Abcd);
+        bounded.max = Some(9_007_199_254_740_992.0); // 2^53
+        assert!(encode_registers(&bounded, &Value::Int(9_007_199_254_740_992), 0).is_ok());
+        assert!(encode_registers(&bounded, &Value::Int(9_007_199_254_740_993), 0).is_err());
     }
 }

@@ -1,17 +1,98 @@
-//! Raw Modbus RTU frames from the platform (`data/<stream>/set`): parsing a
-//! request frame strictly (CRC, function code, lengths) so that nothing
-//! malformed reaches the wire, and building the response frame from the
-//! transaction's outcome.
+//! Modbus RTU framing: a unit id before the PDU and a CRC-16 after it.
+//! [`find_reply`] picks our answer out of whatever the line delivered
+//! (noise before it included); [`parse_request`] checks a raw request frame
+//! from the platform so strictly that nothing malformed reaches the wire.
 
-use super::{Reply, Request, TxError};
-use crate::config::UnitId;
+use std::ops::Range;
+
+use super::{
+    Request, UnitId, MAX_READ_BITS, MAX_READ_REGISTERS, MAX_WRITE_COILS, MAX_WRITE_REGISTERS,
+};
+
+const CRC: crc::Crc<u16> = crc::Crc::<u16>::new(&crc::CRC_16_MODBUS);
+
+/// The longest RTU frame (Modbus over serial line, §2.5.1).
+pub const MAX_FRAME: usize = 256;
+
+/// CRC-16/MODBUS of `bytes`; on the wire it is sent low byte first.
+pub fn crc16(bytes: &[u8]) -> u16 {
+    CRC.checksum(bytes)
+}
+
+/// The RTU frame for `pdu` addressed to (or from) `unit`: unit, PDU, CRC.
+pub fn adu(unit: u8, pdu: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(pdu.len() + 3);
+    frame.push(unit);
+    frame.extend_from_slice(pdu);
+    let crc = crc16(&frame);
+    frame.extend_from_slice(&crc.to_le_bytes());
+    frame
+}
+
+/// What [`find_reply`] found in the bytes received so far.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scan {
+    /// A frame from our unit, of the length our request calls for, with a
+    /// good CRC: these bytes of the buffer.
+    Found(Range<usize>),
+    /// A frame may still be completing.
+    Partial,
+    /// A frame of the right shape arrived whole, but its CRC is wrong.
+    BadCrc,
+    /// Nothing that could become our reply.
+    Nothing,
+}
+
+/// Looks for the reply of `unit` to `request` anywhere in `buf`, so that
+/// noise before it (a VFD's burst, a late echo) does not hide it.
+pub fn find_reply(buf: &[u8], unit: u8, request: &Request) -> Scan {
+    let fc = request.function_code().value();
+    let normal = request.response_pdu_len() + 3;
+    let byte_count = (!request.is_write()).then(|| normal - 5);
+    let mut partial = false;
+    let mut bad_crc = false;
+    for start in 0..buf.len() {
+        let rest = &buf[start..];
+        if rest[0] != unit {
+            continue;
+        }
+        let Some(&code) = rest.get(1) else {
+            partial = true;
+            continue;
+        };
+        let len = if code == fc {
+            match (byte_count, rest.get(2)) {
+                (Some(expected), Some(&count)) if usize::from(count) != expected => continue,
+                _ => normal,
+            }
+        } else if code == fc | 0x80 {
+            5
+        } else {
+            continue;
+        };
+        let Some(frame) = rest.get(..len) else {
+            partial = true;
+            continue;
+        };
+        let (body, crc) = frame.split_at(len - 2);
+        if crc16(body).to_le_bytes() == [crc[0], crc[1]] {
+            return Scan::Found(start..start + len);
+        }
+        bad_crc = true;
+    }
+    match (partial, bad_crc) {
+        (true, _) => Scan::Partial,
+        (false, true) => Scan::BadCrc,
+        (false, false) => Scan::Nothing,
+    }
+}
 
 /// Why a frame from the platform is not put on the wire.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum FrameError {
     #[error("{0} bytes is too short for an RTU frame")]
     TooShort(usize),
-    #[error("{0} bytes is longer than an RTU frame (256)")]
+    #[error("{0} bytes is longer than an RTU frame ({MAX_FRAME})")]
     TooLong(usize),
     #[error("CRC mismatch: the frame says {found:#06x}, its bytes give {computed:#06x}")]
     Crc { found: u16, computed: u16 },
@@ -27,40 +108,20 @@ pub enum FrameError {
     Quantity(u16),
 }
 
-/// CRC-16/MODBUS (poly 0xA001 reflected, init 0xFFFF), sent low byte first.
-pub fn crc16(bytes: &[u8]) -> u16 {
-    let mut crc = 0xFFFFu16;
-    for &b in bytes {
-        crc ^= u16::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 == 1 {
-                (crc >> 1) ^ 0xA001
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    crc
-}
-
-/// `body` with its CRC appended.
-pub fn with_crc(mut body: Vec<u8>) -> Vec<u8> {
-    let crc = crc16(&body);
-    body.extend_from_slice(&crc.to_le_bytes());
-    body
-}
-
 fn word(bytes: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([bytes[at], bytes[at + 1]])
+    match bytes.get(at..at + 2) {
+        Some(&[hi, lo]) => u16::from_be_bytes([hi, lo]),
+        _ => 0,
+    }
 }
 
-/// Parses one complete RTU request frame.
-pub fn parse_request(frame: &[u8]) -> Result<(UnitId, Request), FrameError> {
+/// Checks the CRC of one complete RTU frame and returns its unit and PDU.
+pub fn split_frame(frame: &[u8]) -> Result<(UnitId, &[u8]), FrameError> {
     let len = frame.len();
     if len < 4 {
         return Err(FrameError::TooShort(len));
     }
-    if len > 256 {
+    if len > MAX_FRAME {
         return Err(FrameError::TooLong(len));
     }
     let (body, crc) = frame.split_at(len - 2);
@@ -70,25 +131,34 @@ pub fn parse_request(frame: &[u8]) -> Result<(UnitId, Request), FrameError> {
         return Err(FrameError::Crc { found, computed });
     }
     let unit = UnitId::new(body[0]).ok_or(FrameError::Unit(body[0]))?;
-    let fc = body[1];
-    let length = |why: &str| FrameError::Length {
-        fc,
-        len,
-        why: why.to_string(),
-    };
+    Ok((unit, &body[1..]))
+}
+
+/// Parses one complete RTU request frame of a function fieldgate supports,
+/// checking quantities, byte counts and length exactly.
+pub fn parse_request(frame: &[u8]) -> Result<(UnitId, Request), FrameError> {
+    let (unit, pdu) = split_frame(frame)?;
+    let len = frame.len();
+    let fc = pdu[0];
+    let length = |why: String| FrameError::Length { fc, len, why };
     let fixed = |n: usize| {
         if len == n {
             Ok(())
         } else {
-            Err(length(&format!("expected {n}")))
+            Err(length(format!("expected {n}")))
         }
     };
+    let in_space = |address: u16, count: u16| u32::from(address) + u32::from(count) <= 0x1_0000;
+    let (address, count) = (word(pdu, 1), word(pdu, 3));
     let request = match fc {
         0x01..=0x04 => {
             fixed(8)?;
-            let (address, count) = (word(body, 2), word(body, 4));
-            let max = if fc <= 0x02 { 2000 } else { 125 };
-            if count == 0 || count > max || u32::from(address) + u32::from(count) > 0x1_0000 {
+            let max = if fc <= 0x02 {
+                MAX_READ_BITS
+            } else {
+                MAX_READ_REGISTERS
+            };
+            if count == 0 || count > max || !in_space(address, count) {
                 return Err(FrameError::Quantity(count));
             }
             match fc {
@@ -100,37 +170,37 @@ pub fn parse_request(frame: &[u8]) -> Result<(UnitId, Request), FrameError> {
         }
         0x05 => {
             fixed(8)?;
-            let on = match word(body, 4) {
+            let on = match count {
                 0xFF00 => true,
                 0x0000 => false,
                 other => return Err(FrameError::CoilValue(other)),
             };
-            Request::WriteCoil(word(body, 2), on)
+            Request::WriteCoil(address, on)
         }
         0x06 => {
             fixed(8)?;
-            Request::WriteRegister(word(body, 2), word(body, 4))
+            Request::WriteRegister(address, count)
         }
         0x0F | 0x10 => {
             if len < 9 {
-                return Err(length("at least 9"));
+                return Err(length("at least 9".into()));
             }
-            let (address, count, bytes) = (word(body, 2), word(body, 4), usize::from(body[6]));
+            let bytes = usize::from(pdu[5]);
             let (max, needed) = if fc == 0x0F {
-                (1968, usize::from(count).div_ceil(8))
+                (MAX_WRITE_COILS, usize::from(count).div_ceil(8))
             } else {
-                (123, usize::from(count) * 2)
+                (MAX_WRITE_REGISTERS, usize::from(count) * 2)
             };
-            if count == 0 || count > max || u32::from(address) + u32::from(count) > 0x1_0000 {
+            if count == 0 || count > max || !in_space(address, count) {
                 return Err(FrameError::Quantity(count));
             }
             if bytes != needed {
-                return Err(length(&format!(
+                return Err(length(format!(
                     "byte count {bytes}, but {count} items need {needed}"
                 )));
             }
             fixed(9 + bytes)?;
-            let data = &body[7..];
+            let data = &pdu[6..];
             if fc == 0x0F {
                 let bits = (0..usize::from(count))
                     .map(|i| data[i / 8] >> (i % 8) & 1 == 1)
@@ -149,94 +219,14 @@ pub fn parse_request(frame: &[u8]) -> Result<(UnitId, Request), FrameError> {
     Ok((unit, request))
 }
 
-fn function_code(request: &Request) -> u8 {
-    match request {
-        Request::ReadCoils(..) => 0x01,
-        Request::ReadDiscretes(..) => 0x02,
-        Request::ReadHolding(..) => 0x03,
-        Request::ReadInput(..) => 0x04,
-        Request::WriteCoil(..) => 0x05,
-        Request::WriteRegister(..) => 0x06,
-        Request::WriteCoils(..) => 0x0F,
-        Request::WriteRegisters(..) => 0x10,
-    }
-}
-
-/// The response frame (CRC included) a slave sent for `request`: the data
-/// reply, or the exception frame. `None` when there was no valid response
-/// (timeout, garbled reply, port down).
-pub fn response_frame(
-    unit: UnitId,
-    request: &Request,
-    outcome: &Result<Reply, TxError>,
-) -> Option<Vec<u8>> {
-    let fc = function_code(request);
-    let mut out = vec![unit.get(), fc];
-    match (outcome, request) {
-        (Err(TxError::Exception(code)), _) => {
-            out[1] = fc | 0x80;
-            out.push(u8::from(*code));
-        }
-        (Err(_), _) => return None,
-        (Ok(Reply::Bits(bits)), _) => {
-            let mut packed = vec![0u8; bits.len().div_ceil(8)];
-            for (i, _) in bits.iter().enumerate().filter(|(_, on)| **on) {
-                packed[i / 8] |= 1 << (i % 8);
-            }
-            out.push(packed.len() as u8);
-            out.extend(packed);
-        }
-        (Ok(Reply::Registers(regs)), _) => {
-            out.push((regs.len() * 2) as u8);
-            out.extend(regs.iter().flat_map(|r| r.to_be_bytes()));
-        }
-        (Ok(Reply::Written), Request::WriteCoil(address, on)) => {
-            out.extend(address.to_be_bytes());
-            out.extend(if *on { [0xFF, 0x00] } else { [0x00, 0x00] });
-        }
-        (Ok(Reply::Written), Request::WriteRegister(address, value)) => {
-            out.extend(address.to_be_bytes());
-            out.extend(value.to_be_bytes());
-        }
-        (Ok(Reply::Written), _) => {
-            let (_, address, count) = request.span();
-            out.extend(address.to_be_bytes());
-            out.extend(count.to_be_bytes());
-        }
-    }
-    Some(with_crc(out))
-}
-
-/// Hex text (any spacing, either case) to bytes.
-pub fn from_hex(text: &str) -> Result<Vec<u8>, String> {
-    let digits: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
-    if digits.len() % 2 == 1 {
-        return Err("an odd number of hex digits".into());
-    }
-    digits
-        .chunks_exact(2)
-        .map(|pair| {
-            std::str::from_utf8(pair)
-                .ok()
-                .and_then(|p| u8::from_str_radix(p, 16).ok())
-                .ok_or_else(|| format!("{:?} is not a hex byte", String::from_utf8_lossy(pair)))
-        })
-        .collect()
-}
-
-/// Bytes as upper-case hex pairs separated by spaces (`01 03 02 00 2A …`).
-pub fn to_hex(bytes: &[u8]) -> String {
-    bytes
-        .iter()
-        .map(|b| format!("{b:02X}"))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio_modbus::ExceptionCode;
+    use crate::modbus::Request;
+
+    fn with_crc(body: Vec<u8>) -> Vec<u8> {
+        adu(body[0], &body[1..])
+    }
 
     fn unit(id: u8) -> UnitId {
         UnitId::new(id).unwrap()
@@ -248,13 +238,13 @@ mod tests {
         assert_eq!(crc16(&[0x01, 0x03, 0x00, 0x00, 0x00, 0x02]), 0x0BC4);
         assert_eq!(crc16(&[0x11, 0x03, 0x00, 0x6B, 0x00, 0x03]), 0x8776);
         assert_eq!(
-            with_crc(vec![0x01, 0x06, 0x00, 0x01, 0x00, 0x03]),
+            adu(0x01, &[0x06, 0x00, 0x01, 0x00, 0x03]),
             [0x01, 0x06, 0x00, 0x01, 0x00, 0x03, 0x98, 0x0B]
         );
     }
 
     #[test]
-    fn parses_each_supported_function() {
+    fn parses_each_supported_function_and_round_trips_the_pdu() {
         let cases: Vec<(Vec<u8>, Request)> = vec![
             (
                 vec![0x01, 0x01, 0x00, 0x13, 0x00, 0x25],
@@ -298,6 +288,7 @@ mod tests {
         ];
         for (body, request) in cases {
             let id = body[0];
+            assert_eq!(request.pdu(), body[1..], "{request:?}");
             assert_eq!(parse_request(&with_crc(body)), Ok((unit(id), request)));
         }
     }
@@ -343,6 +334,10 @@ mod tests {
             reject(vec![0x01, 0x05, 0, 1, 0x12, 0x34]),
             FrameError::CoilValue(0x1234)
         );
+        assert_eq!(
+            reject(vec![0x01, 0x10, 0, 1, 0xFF, 0xFF, 0x02, 0, 1]),
+            FrameError::Quantity(0xFFFF)
+        );
         // Byte count disagrees with the quantity, or with the frame length.
         assert!(matches!(
             reject(vec![0x01, 0x10, 0, 1, 0, 2, 0x02, 0, 1]),
@@ -352,53 +347,34 @@ mod tests {
             reject(vec![0x01, 0x10, 0, 1, 0, 1, 0x02, 0, 1, 0]),
             FrameError::Length { .. }
         ));
+        assert!(matches!(
+            reject(vec![0x01, 0x0F, 0, 1, 0, 9, 0x01, 0xFF]),
+            FrameError::Length { .. }
+        ));
     }
 
     #[test]
-    fn builds_response_frames() {
-        let read = Request::ReadHolding(0x6B, 3);
-        let regs = Ok(Reply::Registers(vec![0x022B, 0x0000, 0x0064]));
+    fn finds_the_reply_behind_noise() {
+        let request = Request::ReadHolding(0, 2);
+        let reply = adu(1, &[0x03, 0x04, 0x12, 0x34, 0x56, 0x78]);
+        assert_eq!(find_reply(&reply, 1, &request), Scan::Found(0..9));
+        let mut noisy = vec![0xFF, 0x01, 0x00, 0x01, 0x03];
+        noisy.extend(&reply);
+        assert_eq!(find_reply(&noisy, 1, &request), Scan::Found(5..14));
+        assert_eq!(find_reply(&reply[..6], 1, &request), Scan::Partial);
+        let mut corrupt = reply.clone();
+        corrupt[4] ^= 0x10;
+        assert_eq!(find_reply(&corrupt, 1, &request), Scan::BadCrc);
+        assert_eq!(find_reply(&[0x55; 20], 1, &request), Scan::Nothing);
+        // Another unit's answer is not ours.
         assert_eq!(
-            response_frame(unit(0x11), &read, &regs).unwrap(),
-            with_crc(vec![0x11, 0x03, 0x06, 0x02, 0x2B, 0x00, 0x00, 0x00, 0x64])
+            find_reply(&adu(2, &[0x03, 0x04, 0, 0, 0, 0]), 1, &request),
+            Scan::Nothing
         );
-        let bits = Ok(Reply::Bits(vec![
-            true, false, true, true, false, false, true, true, true,
-        ]));
+        // An exception answer is.
         assert_eq!(
-            response_frame(unit(1), &Request::ReadCoils(0x13, 9), &bits).unwrap(),
-            with_crc(vec![0x01, 0x01, 0x02, 0xCD, 0x01])
+            find_reply(&adu(1, &[0x83, 0x02]), 1, &request),
+            Scan::Found(0..5)
         );
-        let exception = Err(TxError::Exception(ExceptionCode::IllegalDataAddress));
-        let frame = response_frame(unit(1), &read, &exception).unwrap();
-        assert_eq!(frame, with_crc(vec![0x01, 0x83, 0x02]));
-        let echo = response_frame(unit(1), &Request::WriteRegister(1, 3), &Ok(Reply::Written));
-        assert_eq!(
-            echo.unwrap(),
-            with_crc(vec![0x01, 0x06, 0x00, 0x01, 0x00, 0x03])
-        );
-        let multi = response_frame(
-            unit(1),
-            &Request::WriteRegisters(1, vec![1, 2]),
-            &Ok(Reply::Written),
-        );
-        assert_eq!(
-            multi.unwrap(),
-            with_crc(vec![0x01, 0x10, 0x00, 0x01, 0x00, 0x02])
-        );
-        let timeout = Err(TxError::Timeout(std::time::Duration::from_millis(5)));
-        assert_eq!(response_frame(unit(1), &read, &timeout), None);
-    }
-
-    #[test]
-    fn hex_text_any_spacing_either_case() {
-        assert_eq!(
-            from_hex("01 03 00 00 00 02 C4 0b"),
-            Ok(vec![1, 3, 0, 0, 0, 2, 0xC4, 0x0B])
-        );
-        assert_eq!(from_hex("0103\n0000"), Ok(vec![1, 3, 0, 0]));
-        assert!(from_hex("0 1 3").is_err());
-        assert!(from_hex("zz").is_err());
-        assert_eq!(to_hex(&[0x01, 0xAB]), "01 AB");
     }
 }

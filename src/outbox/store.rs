@@ -1,7 +1,8 @@
-//! The durable outbox: every uplink record is appended to sled under
-//! `gateway.data_dir` before it is sent, and removed only when the broker has
-//! acknowledged it. Bounded by `buffer.max_bytes`: past it the oldest records
-//! are dropped, counted and logged.
+//! The durable store behind the outbox: uplink records in sled under
+//! `gateway.data_dir`, removed only when the broker has acknowledged them.
+//! Bounded by `buffer.max_bytes`: past it the oldest records are dropped,
+//! counted and logged. A reading that is not stored (a full disk, a flush
+//! that failed) is counted as dropped too.
 //!
 //! Layout, tuned for an SD card and little RAM: records are grouped into
 //! segments, one sled value per segment, keyed by its first sequence number.
@@ -15,27 +16,20 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::Notify;
 
-use crate::poll::Reading;
+use crate::record::{format_ms, now_ms, Record};
 
 /// How often the open segment is sealed and sled flushed: a crash or power
 /// cut loses at most the records appended in this window.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(500);
 /// The open segment is sealed early when it reaches this size, which also
 /// bounds how much one drop of the oldest segment removes.
-pub const SEGMENT_BYTES: u64 = 64 * 1024;
+pub(crate) const SEGMENT_BYTES: u64 = 64 * 1024;
 /// Page cache for sled; the outbox is written and read sequentially.
 const CACHE_BYTES: u64 = 2 * 1024 * 1024;
-/// How often the daemon rewrites the status file read by `fieldgate buffer`
-/// when its figures changed, and at least how often otherwise (so `buffer`
-/// can tell a stale file from a quiet outbox without wearing the SD card).
-const STATUS_EVERY: Duration = Duration::from_secs(2);
-const STATUS_UNCHANGED_EVERY: Duration = Duration::from_secs(60);
 const STATUS_FILE: &str = "outbox-status.json";
 /// At most one "dropped" warning per this interval, with the count since.
 const DROP_LOG_EVERY: Duration = Duration::from_secs(10);
@@ -52,86 +46,6 @@ const TOTALS_KEY: &[u8] = b"M";
 /// (u32), big-endian, then the JSON.
 const FRAME_HEADER: u64 = 12;
 
-/// One uplink record, as produced.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Record {
-    /// When the sample was taken (ms since the epoch).
-    pub taken_ms: u64,
-    pub body: Body,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub enum Body {
-    /// One device's reading.
-    Attributes {
-        device: String,
-        key: Option<String>,
-        values: serde_json::Map<String, serde_json::Value>,
-    },
-    /// Something the platform should know: a rejected or failed write, a
-    /// device going offline or online, a raw frame that got no answer.
-    Event {
-        id: u64,
-        method: String,
-        params: serde_json::Map<String, serde_json::Value>,
-    },
-    /// The answer to a platform command: `key` is the sub-device it was
-    /// sent to, `id` the command id as the platform gave it.
-    Reply {
-        key: Option<String>,
-        id: serde_json::Value,
-        method: String,
-        params: serde_json::Map<String, serde_json::Value>,
-    },
-    /// A raw frame's response for `data/<stream>`, already in the stream's
-    /// encoding.
-    Stream { name: String, payload: Vec<u8> },
-}
-
-impl Record {
-    /// A record taken now.
-    pub fn now(body: Body) -> Self {
-        Record {
-            taken_ms: now_ms(),
-            body,
-        }
-    }
-
-    /// An event taken now, with a fresh id (ThingsCloud's `event/report/<id>`).
-    pub fn event(method: &str, params: serde_json::Value) -> Self {
-        static NEXT_ID: std::sync::OnceLock<std::sync::atomic::AtomicU64> =
-            std::sync::OnceLock::new();
-        let id = NEXT_ID
-            .get_or_init(|| std::sync::atomic::AtomicU64::new(now_ms()))
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let params = match params {
-            serde_json::Value::Object(map) => map,
-            _ => serde_json::Map::new(),
-        };
-        Self::now(Body::Event {
-            id,
-            method: method.to_string(),
-            params,
-        })
-    }
-}
-
-impl From<Reading> for Record {
-    fn from(r: Reading) -> Self {
-        Record {
-            taken_ms: r
-                .taken
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
-            body: Body::Attributes {
-                device: r.device,
-                key: r.key,
-                values: r.values,
-            },
-        }
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
     #[error("cannot open the outbox at {path}: {error}. {hint}")]
@@ -142,6 +56,8 @@ pub enum OutboxError {
     },
     #[error("outbox at {path}: {source}")]
     Storage { path: PathBuf, source: sled::Error },
+    #[error("cannot start the outbox thread: {0}")]
+    Thread(String),
 }
 
 /// What `fieldgate buffer` shows.
@@ -155,12 +71,6 @@ pub struct Stats {
     pub dropped: u64,
     /// When these figures were taken (ms since the epoch).
     pub at_ms: u64,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// What the sealed segments hold, stored under [`TOTALS_KEY`].
@@ -246,14 +156,14 @@ struct DropLog {
 }
 
 /// The open sled database and its tree.
-struct Store {
+struct Sled {
     db: sled::Db,
     tree: sled::Tree,
 }
 
 struct State {
     /// `None` while a failed store is being reopened.
-    store: Option<Store>,
+    sled: Option<Sled>,
     /// What sled holds, except drops not yet written with the next batch.
     sealed: Totals,
     /// `sealed.dropped` has grown since the totals were last written.
@@ -266,7 +176,14 @@ struct State {
     handed: Option<u64>,
     /// Sealed segments the publisher has read, by first sequence number.
     partial: BTreeMap<u64, Partial>,
-    /// While sealing fails (disk full …): why, and when the store was last
+    /// Segments sealed since the last successful flush, by first sequence
+    /// number, with their record count: applied in sled's memory, not yet
+    /// known to be on disk.
+    unflushed: Vec<(u64, u64)>,
+    /// Segments whose flush failed: whether they reached the disk is only
+    /// known once the store has been reopened.
+    suspect: Vec<(u64, u64)>,
+    /// While storing fails (disk full …): why, and when the store was last
     /// reopened to try again. Logged once per episode.
     failing: Option<(String, Instant)>,
     drop_log: DropLog,
@@ -281,38 +198,45 @@ impl State {
 
     /// Applies a batch that also writes `totals`; adopts them on success.
     fn apply(&mut self, mut batch: sled::Batch, totals: Totals) -> sled::Result<()> {
-        let store = self
-            .store
+        let sled = self
+            .sled
             .as_ref()
             .ok_or_else(|| sled::Error::ReportableBug("the store is closed".into()))?;
         batch.insert(TOTALS_KEY, totals.encode());
-        store.tree.apply_batch(batch)?;
+        sled.tree.apply_batch(batch)?;
         self.sealed = totals;
         self.drops_unwritten = false;
         Ok(())
     }
+
+    /// Counts `n` records as dropped; written with the next batch.
+    fn count_dropped(&mut self, n: u64) {
+        if n > 0 {
+            self.sealed.dropped += n;
+            self.drops_unwritten = true;
+        }
+    }
 }
 
-/// The store. Shared (`Arc`) by the pollers, which append, and the
-/// publisher, which reads in order and removes what was acknowledged.
-pub struct Outbox {
+/// The durable store. One task owns it (see [`super`]); every method is
+/// synchronous and may touch the disk.
+pub struct Store {
     path: PathBuf,
     max_bytes: u64,
-    state: Mutex<State>,
-    appended: Notify,
+    s: State,
 }
 
-impl Outbox {
+impl Store {
     /// Opens (or creates) the outbox under `data_dir`. A store that cannot
     /// be opened is an error naming the path; it is never wiped.
     pub fn open(data_dir: &Path, max_bytes: u64) -> Result<Self, OutboxError> {
         let path = data_dir.join("outbox");
-        let (store, sealed) = open_store(&path)?;
+        let (sled, sealed) = open_sled(&path)?;
         Ok(Self {
             path,
             max_bytes,
-            state: Mutex::new(State {
-                store: Some(store),
+            s: State {
+                sled: Some(sled),
                 sealed,
                 drops_unwritten: false,
                 open: VecDeque::new(),
@@ -320,18 +244,15 @@ impl Outbox {
                 next_seq: sealed.next_seq,
                 handed: None,
                 partial: BTreeMap::new(),
+                unflushed: Vec::new(),
+                suspect: Vec::new(),
                 failing: None,
                 drop_log: DropLog {
                     since_last: 0,
                     last: None,
                 },
-            }),
-            appended: Notify::new(),
+            },
         })
-    }
-
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn path(&self) -> &Path {
@@ -339,51 +260,54 @@ impl Outbox {
     }
 
     /// Appends a record to the open segment.
-    pub fn push(&self, record: &Record) {
+    pub fn push(&mut self, record: &Record) {
         let json = match serde_json::to_vec(record) {
             Ok(v) => v,
             Err(e) => {
                 log::error!(target: "outbox", "cannot encode a record: {e}");
+                self.s.count_dropped(1);
                 return;
             }
         };
-        let mut s = self.lock();
-        let seq = s.next_seq;
-        s.next_seq += 1;
-        s.open_bytes += frame_len(&json);
-        s.open.push_back((seq, json));
-        if s.open_bytes >= SEGMENT_BYTES {
-            self.seal(&mut s);
+        let seq = self.s.next_seq;
+        self.s.next_seq += 1;
+        self.s.open_bytes += frame_len(&json);
+        self.s.open.push_back((seq, json));
+        if self.s.open_bytes >= SEGMENT_BYTES {
+            self.seal();
         }
-        self.enforce_bound(&mut s);
-        drop(s);
-        self.appended.notify_one();
+        self.enforce_bound();
+    }
+
+    /// Counts records lost before they reached the store (a full queue).
+    pub fn count_lost(&mut self, n: u64) {
+        self.s.count_dropped(n);
     }
 
     /// Writes the open segment to sled with one batch. A failing disk does
     /// not stop the daemon: its records are counted as dropped and the
-    /// failure logged once until sealing works again.
-    fn seal(&self, s: &mut State) {
+    /// failure logged once until storing works again.
+    fn seal(&mut self) {
+        let s = &mut self.s;
         if s.open.is_empty() {
-            if s.drops_unwritten {
+            if s.drops_unwritten && s.failing.is_none() {
                 let _ = s.apply(sled::Batch::default(), s.sealed);
             }
             return;
         }
-        if let Some((_, at)) = &mut s.failing {
-            if at.elapsed() >= REOPEN_EVERY {
-                *at = Instant::now();
-                self.reopen(s);
-            }
-        }
         let open = std::mem::take(&mut s.open);
         let bytes = std::mem::take(&mut s.open_bytes);
-        let mut value = Vec::with_capacity(bytes as usize);
+        let mut value = Vec::with_capacity(usize::try_from(bytes).unwrap_or(0));
         for (seq, json) in &open {
             push_frame(&mut value, *seq, json);
         }
         let first = open.front().map_or(0, |(seq, _)| *seq);
         let count = open.len() as u64;
+        if s.failing.is_some() {
+            // Until a reopen shows the disk works, nothing is written.
+            s.count_dropped(count);
+            return;
+        }
         let mut batch = sled::Batch::default();
         batch.insert(&segment_key(first), value);
         let totals = Totals {
@@ -394,6 +318,7 @@ impl Outbox {
         };
         match s.apply(batch, totals) {
             Ok(()) => {
+                s.unflushed.push((first, count));
                 if s.handed.is_some_and(|handed| handed >= first) {
                     let pending = open.iter().map(|(seq, _)| *seq).collect();
                     s.partial.insert(
@@ -405,42 +330,119 @@ impl Outbox {
                         },
                     );
                 }
-                if let Some((reason, _)) = s.failing.take() {
-                    log::info!(target: "outbox", "appending works again (after: {reason})");
-                }
             }
             Err(e) => {
-                s.sealed.dropped += count;
-                s.drops_unwritten = true;
-                if s.failing.is_none() {
-                    log::error!(target: "outbox", "cannot append to {}: {e}; readings are dropped and counted until it works again", self.path.display());
-                    s.failing = Some((e.to_string(), Instant::now()));
-                }
+                s.count_dropped(count);
+                self.failed(&e);
             }
         }
     }
 
-    /// Closes the failed store and opens it again.
-    fn reopen(&self, s: &mut State) {
-        // sled's file lock must be released before the path is opened again.
-        drop(s.store.take());
-        match open_store(&self.path) {
-            Ok((store, sealed)) => {
-                s.store = Some(store);
-                s.partial.clear();
-                s.sealed = Totals {
-                    dropped: sealed.dropped.max(s.sealed.dropped),
-                    ..sealed
-                };
-                log::info!(target: "outbox", "reopened {} ({} messages held)", self.path.display(), sealed.count);
+    /// Storing failed: logged once per episode; from now on the store is
+    /// reopened every [`REOPEN_EVERY`] until it works again.
+    fn failed(&mut self, e: &sled::Error) {
+        if self.s.failing.is_none() {
+            log::error!(target: "outbox", "cannot append to {}: {e}; readings are dropped and counted until it works again", self.path.display());
+            self.s.failing = Some((e.to_string(), Instant::now()));
+        }
+    }
+
+    /// Seals the open segment and flushes sled to disk. A failed flush
+    /// leaves the segments sealed since the last good one in doubt: they are
+    /// counted as dropped unless the reopened store shows them.
+    pub fn seal_and_flush(&mut self) {
+        self.retry_if_failing();
+        self.seal();
+        let Some(sled) = &self.s.sled else {
+            return;
+        };
+        if self.s.failing.is_some() {
+            return;
+        }
+        match sled.db.flush() {
+            Ok(_) => self.s.unflushed.clear(),
+            Err(e) => {
+                let doubtful = std::mem::take(&mut self.s.unflushed);
+                self.s.suspect.extend(doubtful);
+                self.failed(&e);
             }
-            Err(e) => log::debug!(target: "outbox", "{e}"),
+        }
+    }
+
+    /// While failing: reopens the store every [`REOPEN_EVERY`].
+    fn retry_if_failing(&mut self) {
+        let due = match &mut self.s.failing {
+            Some((_, at)) if at.elapsed() >= REOPEN_EVERY => {
+                *at = Instant::now();
+                true
+            }
+            _ => false,
+        };
+        if due {
+            self.reopen();
+        }
+    }
+
+    /// Closes the failed store and opens it again. Segments in doubt that
+    /// the disk does not have are counted as dropped now.
+    fn reopen(&mut self) {
+        // sled's file lock must be released before the path is opened
+        // again; its I/O threads may hold it for a moment after the handle
+        // is dropped.
+        drop(self.s.sled.take());
+        let mut opened = open_sled(&self.path);
+        for _ in 0..10 {
+            if opened.is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            opened = open_sled(&self.path);
+        }
+        let (sled, on_disk) = match opened {
+            Ok(opened) => opened,
+            Err(e) => {
+                log::debug!(target: "outbox", "{e}");
+                return;
+            }
+        };
+        let s = &mut self.s;
+        let mut lost = 0;
+        for (first, count) in std::mem::take(&mut s.suspect) {
+            if !sled.tree.contains_key(segment_key(first)).unwrap_or(false) {
+                lost += s
+                    .partial
+                    .remove(&first)
+                    .map_or(count, |p| p.pending.len() as u64);
+            }
+        }
+        s.partial
+            .retain(|first, _| sled.tree.contains_key(segment_key(*first)).unwrap_or(false));
+        let dropped = s.sealed.dropped.max(on_disk.dropped) + lost;
+        s.sealed = Totals {
+            dropped,
+            next_seq: on_disk.next_seq.max(s.next_seq),
+            ..on_disk
+        };
+        s.drops_unwritten = true;
+        s.sled = Some(sled);
+        // Writing the totals proves the disk takes writes again.
+        let result = s
+            .apply(sled::Batch::default(), s.sealed)
+            .and_then(|()| s.sled.as_ref().map_or(Ok(0), |sled| sled.db.flush()));
+        match result {
+            Ok(_) => {
+                if let Some((reason, _)) = s.failing.take() {
+                    log::info!(target: "outbox", "appending works again (after: {reason}); {} messages held", s.sealed.count);
+                }
+            }
+            Err(e) => log::debug!(target: "outbox", "still failing: {e}"),
         }
     }
 
     /// Drops the oldest records while the outbox is over `max_bytes`: whole
     /// sealed segments first, then the oldest unsealed records.
-    fn enforce_bound(&self, s: &mut State) {
+    fn enforce_bound(&mut self) {
+        let s = &mut self.s;
         let mut dropped = 0;
         while s.sealed.bytes + s.open_bytes > self.max_bytes {
             if s.sealed.count > 0 {
@@ -450,8 +452,7 @@ impl Outbox {
                 }
             } else if let Some((_, json)) = s.open.pop_front() {
                 s.open_bytes -= frame_len(&json);
-                s.sealed.dropped += 1;
-                s.drops_unwritten = true;
+                s.count_dropped(1);
                 dropped += 1;
             } else {
                 break;
@@ -482,20 +483,19 @@ impl Outbox {
     /// Records with sequence numbers above `after` (all if `None`), oldest
     /// first, at most `limit`, leaving out those already acknowledged.
     /// Undecodable entries are skipped and logged.
-    pub fn after(&self, after: Option<u64>, limit: usize) -> Vec<(u64, Record)> {
+    pub fn after(&mut self, after: Option<u64>, limit: usize) -> Vec<(u64, Record)> {
         let start = after.map_or(0, |seq| seq + 1);
         let mut raw: Vec<(u64, Vec<u8>)> = Vec::new();
-        let mut s = self.lock();
         let State {
-            store,
+            sled,
             partial,
             open,
             handed,
             ..
-        } = &mut *s;
-        if let Some(store) = store {
+        } = &mut self.s;
+        if let Some(sled) = sled {
             // The segment holding `start` begins at or before it.
-            let from = match store
+            let from = match sled
                 .tree
                 .range(segment_key(0)..=segment_key(start))
                 .next_back()
@@ -503,7 +503,7 @@ impl Outbox {
                 Some(Ok((key, _))) => be(&key[1..]),
                 _ => start,
             };
-            for entry in store.tree.range(segment_key(from)..=segment_key(u64::MAX)) {
+            for entry in sled.tree.range(segment_key(from)..=segment_key(u64::MAX)) {
                 let Ok((key, value)) = entry else { break };
                 let frames = frames(&value);
                 let segment = partial.entry(be(&key[1..])).or_insert_with(|| Partial {
@@ -532,23 +532,27 @@ impl Outbox {
         if let Some((last, _)) = raw.last() {
             *handed = Some(handed.map_or(*last, |h| h.max(*last)));
         }
-        drop(s);
-        raw.into_iter()
-            .filter_map(|(seq, json)| match serde_json::from_slice(&json) {
-                Ok(record) => Some((seq, record)),
+        let mut out = Vec::with_capacity(raw.len());
+        for (seq, json) in raw {
+            match serde_json::from_slice(&json) {
+                Ok(record) => out.push((seq, record)),
                 Err(e) => {
                     log::error!(target: "outbox", "skipping unreadable record {seq}: {e}");
-                    let _ = self.remove(&[seq]);
-                    None
+                    self.discard(&[seq]);
                 }
-            })
-            .collect()
+            }
+        }
+        out
     }
 
     /// Removes acknowledged records; a sealed segment goes when all its
     /// records have been acknowledged.
-    pub fn remove(&self, seqs: &[u64]) -> Result<(), OutboxError> {
-        let mut s = self.lock();
+    pub fn remove(&mut self, seqs: &[u64]) -> Result<(), OutboxError> {
+        let s = &mut self.s;
+        if s.sled.is_none() {
+            // Being reopened: these are sent again afterwards (at least once).
+            return Ok(());
+        }
         for &seq in seqs {
             if let Ok(i) = s.open.binary_search_by_key(&seq, |(q, _)| *q) {
                 if let Some((_, json)) = s.open.remove(i) {
@@ -580,14 +584,19 @@ impl Outbox {
         Ok(())
     }
 
-    /// Resolves when a record is appended (or one was appended since the
-    /// last wait).
-    pub async fn appended(&self) {
-        self.appended.notified().await;
+    /// Removes records that can never be published, counting them as
+    /// dropped.
+    pub fn discard(&mut self, seqs: &[u64]) {
+        self.s.count_dropped(seqs.len() as u64);
+        if let Err(e) = self.remove(seqs) {
+            log::warn!(target: "outbox", "{e}");
+        }
     }
 
+    /// The figures `fieldgate buffer`, the status line and the API show.
+    /// `oldest_ms` reads the store: call it on a timer, not per message.
     pub fn stats(&self) -> Stats {
-        let s = self.lock();
+        let s = &self.s;
         let acked: u64 = s
             .partial
             .values()
@@ -597,91 +606,34 @@ impl Outbox {
             messages: (s.sealed.count + s.open.len() as u64).saturating_sub(acked),
             bytes: s.sealed.bytes + s.open_bytes,
             max_bytes: self.max_bytes,
-            oldest_ms: oldest(&s).map(|r| r.taken_ms),
-            dropped: s.sealed.dropped,
+            oldest_ms: oldest(s).map(|r| r.taken_ms),
+            dropped: s.sealed.dropped + s.suspect.iter().map(|(_, n)| n).sum::<u64>(),
             at_ms: now_ms(),
-        }
-    }
-
-    /// Seals the open segment and flushes sled.
-    async fn seal_and_flush(&self) -> Result<(), OutboxError> {
-        let db = {
-            let mut s = self.lock();
-            self.seal(&mut s);
-            s.store.as_ref().map(|store| store.db.clone())
-        };
-        if let Some(db) = db {
-            db.flush_async()
-                .await
-                .map_err(|source| OutboxError::Storage {
-                    path: self.path.clone(),
-                    source,
-                })?;
-        }
-        Ok(())
-    }
-
-    /// Seals and flushes every [`FLUSH_EVERY`] and keeps the status file
-    /// fresh, until the process ends.
-    pub async fn maintain(&self) {
-        let mut tick = tokio::time::interval(FLUSH_EVERY);
-        let mut written: Option<(Stats, Instant)> = None;
-        loop {
-            tick.tick().await;
-            if let Err(e) = self.seal_and_flush().await {
-                log::debug!(target: "outbox", "{e}");
-            }
-            let stats = self.stats();
-            let due = match &written {
-                None => true,
-                Some((last, at)) => {
-                    let changed = Stats {
-                        at_ms: last.at_ms,
-                        ..stats.clone()
-                    } != *last;
-                    at.elapsed()
-                        >= if changed {
-                            STATUS_EVERY
-                        } else {
-                            STATUS_UNCHANGED_EVERY
-                        }
-                }
-            };
-            if due {
-                self.write_stats(&stats);
-                written = Some((stats, Instant::now()));
-            }
         }
     }
 
     /// Seals, writes partly acknowledged segments back without their
     /// acknowledged records (so a restart does not resend them), flushes to
     /// disk and writes the status file. Called at shutdown.
-    pub fn flush(&self) -> Result<(), OutboxError> {
+    pub fn close(&mut self) -> Result<(), OutboxError> {
+        self.seal_and_flush();
         let storage = |source| OutboxError::Storage {
             path: self.path.clone(),
             source,
         };
-        let db = {
-            let mut s = self.lock();
-            self.seal(&mut s);
-            trim_partials(&mut s).map_err(storage)?;
-            s.store.as_ref().map(|store| store.db.clone())
-        };
-        if let Some(db) = db {
-            db.flush().map_err(storage)?;
+        if self.s.failing.is_none() {
+            trim_partials(&mut self.s).map_err(storage)?;
+            if let Some(sled) = &self.s.sled {
+                sled.db.flush().map_err(storage)?;
+            }
         }
-        self.write_status();
+        self.write_status(&self.stats());
         Ok(())
     }
 
     /// Writes the figures `fieldgate buffer` shows while the daemon holds
     /// the store's lock.
-    pub fn write_status(&self) {
-        self.write_stats(&self.stats());
-    }
-
-    fn write_stats(&self, stats: &Stats) {
+    pub fn write_status(&self, stats: &Stats) {
         let Some(dir) = self.path.parent() else {
             return;
         };
@@ -696,7 +648,7 @@ impl Outbox {
 /// Removes the oldest sealed segment; returns how many records it held that
 /// were not yet acknowledged (now counted as dropped).
 fn drop_oldest_segment(s: &mut State) -> Option<u64> {
-    let (key, value) = s.store.as_ref()?.tree.range(segment_range()).next()?.ok()?;
+    let (key, value) = s.sled.as_ref()?.tree.range(segment_range()).next()?.ok()?;
     let first = be(&key[1..]);
     let count = frames(&value).len() as u64;
     let unacked = s
@@ -724,8 +676,8 @@ fn trim_partials(s: &mut State) -> sled::Result<()> {
         .map(|(first, _)| *first)
         .collect();
     for first in firsts {
-        let Some(store) = &s.store else { break };
-        let Some(value) = store.tree.get(segment_key(first))? else {
+        let Some(sled) = &s.sled else { break };
+        let Some(value) = sled.tree.get(segment_key(first))? else {
             continue;
         };
         let mut kept = Vec::new();
@@ -756,8 +708,8 @@ fn trim_partials(s: &mut State) -> sled::Result<()> {
 
 /// The oldest record not yet acknowledged.
 fn oldest(s: &State) -> Option<Record> {
-    let sealed = s.store.as_ref().and_then(|store| {
-        store.tree.range(segment_range()).find_map(|entry| {
+    let sealed = s.sled.as_ref().and_then(|sled| {
+        sled.tree.range(segment_range()).find_map(|entry| {
             let (key, value) = entry.ok()?;
             let first = be(&key[1..]);
             frames(&value)
@@ -779,7 +731,7 @@ pub fn read_status(data_dir: &Path) -> Option<Stats> {
 }
 
 /// Opens the sled store at `path` and reads its totals.
-fn open_store(path: &Path) -> Result<(Store, Totals), OutboxError> {
+fn open_sled(path: &Path) -> Result<(Sled, Totals), OutboxError> {
     let open_error = |source: sled::Error| {
         let hint = match &source {
             sled::Error::Io(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
@@ -805,7 +757,7 @@ fn open_store(path: &Path) -> Result<(Store, Totals), OutboxError> {
         .path(path)
         .cache_capacity(CACHE_BYTES)
         .mode(sled::Mode::LowSpace)
-        // Flushed by `Outbox::maintain` right after each seal.
+        // Flushed by the owner right after each seal.
         .flush_every_ms(None)
         .open()
         .map_err(open_error)?;
@@ -815,7 +767,7 @@ fn open_store(path: &Path) -> Result<(Store, Totals), OutboxError> {
             .ok_or_else(|| open_error(sled::Error::Corruption { at: None, bt: () }))?,
         None => Totals::default(),
     };
-    Ok((Store { db, tree }, totals))
+    Ok((Sled { db, tree }, totals))
 }
 
 /// A big-endian unsigned number of up to 8 bytes.
@@ -826,14 +778,22 @@ fn be(bytes: &[u8]) -> u64 {
     u64::from_be_bytes(be)
 }
 
-/// `2026-11-23 21:40:05 UTC` for a time in ms since the epoch.
-pub fn format_ms(ms: u64) -> String {
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::Body;
+
+    /// Opens the store again once the last one is dropped: sled's I/O
+    /// threads may hold it for a moment after the handle is gone.
+    fn reopen(dir: &Path, max_bytes: u64) -> Store {
+        for _ in 0..100 {
+            if let Ok(store) = Store::open(dir, max_bytes) {
+                return store;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Store::open(dir, max_bytes).unwrap()
+    }
 
     fn record(i: u64, key: Option<&str>) -> Record {
         let mut values = serde_json::Map::new();
@@ -852,14 +812,14 @@ mod tests {
     fn records_survive_reopen_in_order_and_are_removed_on_ack() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let outbox = Outbox::open(dir.path(), 1 << 20).unwrap();
+            let mut outbox = Store::open(dir.path(), 1 << 20).unwrap();
             for i in 0..5 {
                 outbox.push(&record(i, None));
             }
             outbox.remove(&[0, 1]).unwrap();
-            outbox.flush().unwrap();
+            outbox.close().unwrap();
         }
-        let outbox = Outbox::open(dir.path(), 1 << 20).unwrap();
+        let mut outbox = reopen(dir.path(), 1 << 20);
         let held: Vec<u64> = outbox
             .after(None, 100)
             .into_iter()
@@ -881,7 +841,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // Records 10..35 all encode to the same size.
         let size = frame_len(&serde_json::to_vec(&record(10, None)).unwrap());
-        let outbox = Outbox::open(dir.path(), size * 10).unwrap();
+        let mut outbox = Store::open(dir.path(), size * 10).unwrap();
         for i in 10..35 {
             outbox.push(&record(i, None));
         }
@@ -889,12 +849,9 @@ mod tests {
         assert_eq!((stats.messages, stats.dropped), (10, 15));
         assert!(stats.bytes <= size * 10);
         assert_eq!(stats.oldest_ms, Some(1_700_000_000_025));
-        outbox.flush().unwrap();
+        outbox.close().unwrap();
         drop(outbox);
-        assert_eq!(
-            Outbox::open(dir.path(), size * 10).unwrap().stats().dropped,
-            15
-        );
+        assert_eq!(reopen(dir.path(), size * 10).stats().dropped, 15);
     }
 
     #[test]
@@ -902,7 +859,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let n = 2000; // several segments of SEGMENT_BYTES
         {
-            let outbox = Outbox::open(dir.path(), 1 << 30).unwrap();
+            let mut outbox = Store::open(dir.path(), 1 << 30).unwrap();
             for i in 0..n {
                 outbox.push(&record(i, None));
             }
@@ -924,9 +881,9 @@ mod tests {
                 (1500..1510).collect::<Vec<_>>(),
                 "acknowledged records are not resent"
             );
-            outbox.flush().unwrap();
+            outbox.close().unwrap();
         }
-        let outbox = Outbox::open(dir.path(), 1 << 30).unwrap();
+        let mut outbox = reopen(dir.path(), 1 << 30);
         let stats = outbox.stats();
         assert_eq!(
             stats.messages, 500,
@@ -943,9 +900,9 @@ mod tests {
             .sum();
         assert_eq!(stats.bytes, bytes);
         outbox.remove(&held).unwrap();
-        outbox.flush().unwrap();
+        outbox.close().unwrap();
         drop(outbox);
-        let outbox = Outbox::open(dir.path(), 1 << 30).unwrap();
+        let mut outbox = reopen(dir.path(), 1 << 30);
         assert_eq!((outbox.stats().messages, outbox.stats().bytes), (0, 0));
         outbox.push(&record(9, None));
         assert_eq!(outbox.after(None, 10)[0].0, n, "sequence numbers continue");
@@ -954,9 +911,9 @@ mod tests {
     #[test]
     fn a_locked_store_is_a_clear_error_not_a_wipe() {
         let dir = tempfile::tempdir().unwrap();
-        let first = Outbox::open(dir.path(), 1 << 20).unwrap();
+        let mut first = Store::open(dir.path(), 1 << 20).unwrap();
         first.push(&record(1, None));
-        let err = Outbox::open(dir.path(), 1 << 20).err().expect("locked");
+        let err = Store::open(dir.path(), 1 << 20).err().expect("locked");
         let text = err.to_string();
         assert!(
             text.contains(&dir.path().join("outbox").display().to_string()),

@@ -1,0 +1,210 @@
+//! The bus owner: one task per bus, the only one that touches its
+//! transport. It polls the devices that are due and runs the jobs sent to
+//! it, sharing the bus fairly: a job goes ahead of the next poll
+//! transaction (never inside one), but at most one job runs between two
+//! poll transactions, so a flood of writes cannot stop polling. Every
+//! record it produces — readings, events, job outcomes — is appended to the
+//! outbox in the order that matches what happened on the wire.
+
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{mpsc, watch};
+use tokio::time::{sleep_until, Instant};
+
+use super::device::DeviceState;
+use super::job::Job;
+use super::{plan, PollResult};
+use crate::bus::{Bus, Liveness};
+use crate::config::Device;
+use crate::outbox::Outbox;
+use crate::record::Record;
+
+/// Jobs waiting for one bus; past this the router answers "bus busy".
+const JOB_QUEUE: usize = 64;
+/// An idle bus owner still wakes this often, to renew its liveness promise.
+const IDLE_CHECK: Duration = Duration::from_secs(5);
+
+/// Why a bus owner stops, as told in the outcome of every job it did not
+/// run: "the daemon is stopping", "the config was reloaded".
+pub type StopReason = &'static str;
+
+/// A device as its bus owner last saw it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceStatus {
+    pub name: String,
+    /// Whether its last poll got any answer; `None` before the first poll.
+    pub online: Option<bool>,
+    /// When it last answered (ms since the epoch).
+    pub last_ok_ms: Option<u64>,
+    /// Consecutive polls without any answer.
+    pub failures: u32,
+}
+
+/// What the rest of the daemon holds of a running bus owner.
+#[derive(Clone)]
+pub struct BusHandle {
+    pub jobs: mpsc::Sender<Job>,
+    pub alive: Liveness,
+    pub devices: watch::Receiver<Vec<DeviceStatus>>,
+}
+
+/// The task that owns one bus.
+pub struct BusTask {
+    bus: Bus,
+    devices: Vec<DeviceState>,
+    jobs: mpsc::Receiver<Job>,
+    outbox: Outbox,
+    alive: Liveness,
+    /// While a device's poll is in progress, the records of jobs that ran
+    /// between its transactions wait here: the poll read its points before
+    /// the job wrote, so the poll's report must reach the outbox first.
+    held: Option<Vec<Record>>,
+    status: watch::Sender<Vec<DeviceStatus>>,
+}
+
+impl BusTask {
+    /// The owner of `bus`, polling `devices` and appending to `outbox`;
+    /// returns it with the handle that sends it jobs.
+    pub fn new(bus: Bus, devices: Vec<Device>, outbox: Outbox) -> (Self, BusHandle) {
+        let (job_tx, jobs) = mpsc::channel(JOB_QUEUE);
+        let start = Instant::now();
+        let devices: Vec<DeviceState> = devices
+            .into_iter()
+            .map(|d| {
+                let blocks = plan::plan(&d.points, bus.config());
+                DeviceState::new(d, blocks, start)
+            })
+            .collect();
+        let (status, status_rx) = watch::channel(devices.iter().map(DeviceState::status).collect());
+        let alive = bus.liveness();
+        let handle = BusHandle {
+            jobs: job_tx,
+            alive: alive.clone(),
+            devices: status_rx,
+        };
+        let task = Self {
+            bus,
+            devices,
+            jobs,
+            outbox,
+            alive,
+            held: None,
+            status,
+        };
+        (task, handle)
+    }
+
+    /// Polls and runs jobs until `stop` names a reason. A poll in progress is
+    /// cut short; a job in progress is finished; queued jobs are answered
+    /// with the reason, so every accepted job has an outcome.
+    pub async fn run(mut self, mut stop: watch::Receiver<Option<StopReason>>) {
+        let mut jobs_open = true;
+        loop {
+            self.alive.promise(2 * IDLE_CHECK);
+            if stop.borrow().is_some() {
+                break;
+            }
+            let next = self
+                .devices
+                .iter()
+                .enumerate()
+                .map(|(i, d)| (i, d.next_due))
+                .min_by_key(|&(_, due)| due);
+            if let Some((index, due)) = next {
+                if due <= Instant::now() {
+                    self.poll(index, &mut stop).await;
+                    continue;
+                }
+            }
+            let wake = next.map_or_else(|| Instant::now() + IDLE_CHECK, |(_, due)| due);
+            tokio::select! {
+                biased;
+                changed = stop.changed() => if changed.is_err() { break },
+                job = self.jobs.recv(), if jobs_open => match job {
+                    Some(job) => self.run_job(job).await,
+                    None => jobs_open = false,
+                },
+                () = sleep_until(wake.min(Instant::now() + IDLE_CHECK)) => {}
+            }
+        }
+        let reason = stop.borrow().unwrap_or("the bus stopped");
+        self.jobs.close();
+        while let Ok(job) = self.jobs.try_recv() {
+            for record in job.refuse(reason) {
+                self.outbox.append(record);
+            }
+        }
+    }
+
+    /// Runs one job and appends its records (held while a poll is open).
+    async fn run_job(&mut self, job: Job) {
+        let devices = &self.devices;
+        let offline = |name: &str| {
+            devices
+                .iter()
+                .find(|d| d.device.name == name)
+                .and_then(|d| d.offline.clone())
+        };
+        let records = job.run(&mut self.bus, offline).await;
+        match &mut self.held {
+            Some(held) => held.extend(records),
+            None => records.into_iter().for_each(|r| self.outbox.append(r)),
+        }
+    }
+
+    /// Reads every block of device `index`, with at most one queued job
+    /// before each transaction, then reports.
+    async fn poll(&mut self, index: usize, stop: &mut watch::Receiver<Option<StopReason>>) {
+        let taken = SystemTime::now();
+        let Some(state) = self.devices.get(index) else {
+            return;
+        };
+        let (unit, timeout) = (state.device.unit, state.device.timeout);
+        let requests: Vec<_> = state.blocks.iter().map(plan::Block::request).collect();
+        self.held = Some(Vec::new());
+        let mut replies = Vec::with_capacity(requests.len());
+        let mut cut = false;
+        for request in &requests {
+            if let Ok(job) = self.jobs.try_recv() {
+                self.run_job(job).await;
+            }
+            if stop.borrow().is_some() {
+                cut = true;
+                break;
+            }
+            let reply = tokio::select! {
+                biased;
+                _ = stop.changed() => {
+                    cut = true;
+                    break;
+                }
+                reply = self.bus.transact(unit, request, timeout) => reply,
+            };
+            replies.push(reply);
+        }
+        let held = self.held.take().unwrap_or_default();
+        if !cut {
+            if let Some(state) = self.devices.get_mut(index) {
+                let now = Instant::now();
+                let result = PollResult { replies };
+                let values = result.values(&state.device.points, &state.blocks);
+                let event = state.record(&result);
+                state.replan(&result);
+                let reading = state.report(values, taken, now);
+                state.schedule_next(now);
+                let status = state.status();
+                self.status.send_modify(|all| {
+                    if let Some(slot) = all.get_mut(index) {
+                        *slot = status;
+                    }
+                });
+                for record in event.into_iter().chain(reading.map(Record::from)) {
+                    self.outbox.append(record);
+                }
+            }
+        }
+        for record in held {
+            self.outbox.append(record);
+        }
+    }
+}
