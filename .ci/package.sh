@@ -48,6 +48,11 @@ id -nG fieldgate | tr ' ' '\n' | grep -qx dialout || fail "fieldgate is not in d
 [ "$(stat -c '%a' /usr/bin/fieldgate)" = "755" ] || fail "binary mode"
 /usr/bin/fieldgate --version
 /usr/bin/fieldgate --config /etc/fieldgate/fieldgate.toml check >/dev/null
+set +e
+sim_out=$(/usr/bin/fieldgate --config /etc/fieldgate/fieldgate.toml simulate 2>&1); sim_rc=$?
+set -e
+[ "$sim_rc" = 2 ] && grep -q 'leaves out the simulator' <<<"$sim_out" || fail "the packaged binary must leave out the simulator: exit $sim_rc: $sim_out"
+grep -q '^DeviceAllow=char-ttySC rw$' /usr/lib/systemd/system/fieldgate.service || fail "the unit does not allow SC16IS75x HATs (ttySC)"
 out=$(systemd-analyze verify /usr/lib/systemd/system/fieldgate.service 2>&1) || fail "systemd-analyze verify: $out"
 [ -z "$out" ] || fail "systemd-analyze verify: $out"
 if [ -d /run/systemd/system ]; then

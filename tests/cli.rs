@@ -233,6 +233,152 @@ fn simulate_then_read_and_scan_through_the_binary() {
         !report.contains("unit 3") && report.contains("2 of 4 unit ids answered"),
         "{report}"
     );
+
+    // `write` (defect 12): validated like a push, written, read back.
+    let write = fieldgate()
+        .args(["--config", path, "write", "tc-1", "setpoint", "21.5"])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&write.stdout);
+    assert_eq!(
+        write.status.code(),
+        Some(0),
+        "{out}{}",
+        String::from_utf8_lossy(&write.stderr)
+    );
+    assert!(out.contains("wrote setpoint = 21.5 to tc-1"), "{out}");
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("setpoint"))
+        .unwrap_or_default();
+    assert!(
+        row.contains("21.5") && row.contains("00D7"),
+        "read back as 215 x 0.1: {out}"
+    );
+    let again = fieldgate()
+        .args(["--config", path, "read", "tc-1", "setpoint"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&again.stdout).contains("21.5"));
+    for (args, why) in [
+        (["tc-1", "setpoint", "500"], "outside"),
+        (["tc-1", "temperature", "1"], "read-only"),
+        (["tc-1", "setpoint", "true"], "expected a number"),
+        (["tc-1", "nope", "1"], "no point"),
+    ] {
+        let bad = fieldgate()
+            .args(["--config", path, "write"])
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&bad.stderr);
+        assert_eq!(bad.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(why), "{args:?}: {stderr}");
+    }
+    let after = fieldgate()
+        .args(["--config", path, "read", "tc-1", "setpoint"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&after.stdout).contains("21.5"),
+        "nothing else was written"
+    );
+}
+
+/// A TOML error on a line that holds a credential shows where, never the
+/// secret itself.
+#[test]
+fn a_config_error_never_shows_a_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("secret.toml");
+    std::fs::write(
+        &path,
+        "[gateway]\nid = \"gw\"\n[platform]\nhost = \"h\"\naccess_token = \"tok3n-abc\"\nproject_key = \"pr0ject-s3cret\" \"oops\"\n",
+    )
+    .unwrap();
+    let out = fieldgate()
+        .args(["--config", path.to_str().unwrap(), "check"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("secret.toml:6:"), "{stderr}");
+    assert!(!stderr.contains("pr0ject-s3cret"), "{stderr}");
+    assert!(stderr.contains("project_key = ********"), "{stderr}");
+}
+
+/// `demo` keeps its outbox in a private directory with an unpredictable
+/// name, and removes it when it ends.
+#[test]
+fn demo_uses_a_private_temporary_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut demo = Running(
+        fieldgate()
+            .arg("demo")
+            .env("TMPDIR", tmp.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(demo.0.stdout.take().unwrap()).lines();
+    wait_for_line(&mut lines, Duration::from_secs(10), |l| {
+        l.contains("attributes")
+    })
+    .expect("the demo runs");
+    let dirs: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("fieldgate-demo-")
+        })
+        .collect();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    let name = dirs[0].file_name().to_string_lossy().into_owned();
+    assert_ne!(
+        name,
+        format!("fieldgate-demo-{}", demo.0.id()),
+        "not predictable from the pid"
+    );
+    let mode = dirs[0].metadata().unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "private");
+    let pid = nix::unistd::Pid::from_raw(demo.0.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let _ = demo.0.wait();
+    assert!(!tmp.path().join(&name).exists(), "removed at the end");
+}
+
+/// The unit allows the serial drivers a Raspberry Pi user meets, the
+/// SC16IS75x RS-485 HATs (ttySC) among them, and nothing else.
+#[test]
+fn the_unit_allows_the_common_serial_drivers() {
+    let unit = std::fs::read_to_string(repo("systemd/fieldgate.service")).unwrap();
+    let allowed: Vec<&str> = unit
+        .lines()
+        .filter_map(|l| l.strip_prefix("DeviceAllow="))
+        .collect();
+    for driver in [
+        "ttyS",
+        "ttyUSB",
+        "ttyACM",
+        "ttyAMA",
+        "ttySC",
+        "ttyXRUSB",
+        "ttyCH343USB",
+    ] {
+        assert!(
+            allowed.contains(&format!("char-{driver} rw").as_str()),
+            "{driver}: {allowed:?}"
+        );
+    }
+    assert!(
+        allowed.iter().all(|a| a.starts_with("char-tty")),
+        "{allowed:?}"
+    );
+    assert!(unit.contains("DevicePolicy=closed"));
 }
 
 #[test]

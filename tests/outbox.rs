@@ -270,41 +270,6 @@ async fn three_sub_devices_at_one_message_per_second_stay_live_combined() {
     );
 }
 
-/// A tmpfs mounted for one test, unmounted when dropped.
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    /// `options` as for `mount -o`, e.g. `size=1M` or `ro,size=1M`.
-    fn mount(path: &std::path::Path, options: &str) -> Option<Self> {
-        std::fs::create_dir_all(path).ok()?;
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
-            .arg(path)
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then(|| Self(path.to_path_buf()))
-    }
-
-    fn resize(&self, size: &str) {
-        let status = std::process::Command::new("mount")
-            .args(["-o", &format!("remount,size={size}")])
-            .arg(&self.0)
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_drops_and_counts_then_recovers_by_itself() {
     let dir = tempfile::tempdir().unwrap();

@@ -16,9 +16,15 @@ pub const DEMO_CONFIG: &str = include_str!("../../config/demo.toml");
 
 pub async fn run() -> anyhow::Result<()> {
     let mut config = config::parse(Path::new("config/demo.toml"), DEMO_CONFIG)?;
-    // A fresh outbox per run: a demo never replays an earlier one's backlog.
-    let data_dir = std::env::temp_dir().join(format!("fieldgate-demo-{}", std::process::id()));
-    config.gateway.data_dir = data_dir.clone();
+    // A fresh, private outbox per run (mode 0700, an unpredictable name):
+    // a demo never replays an earlier one's backlog, and no other user can
+    // plant or read it. Removed when the demo ends.
+    let data_dir = tempfile::Builder::new()
+        .prefix("fieldgate-demo-")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .tempdir()
+        .context("creating the demo's data directory")?;
+    config.gateway.data_dir = data_dir.path().to_path_buf();
     let lines = simulate::start(&config, true)?;
     for (bus_name, pty, _) in &lines {
         if let Some(bus) = config.buses.iter_mut().find(|b| &b.name == bus_name) {
@@ -67,6 +73,6 @@ pub async fn run() -> anyhow::Result<()> {
         () = simulate::animate(&config, &lines) => {}
     }
     printer.abort();
-    let _ = std::fs::remove_dir_all(&data_dir);
+    drop(data_dir);
     Ok(())
 }

@@ -17,7 +17,7 @@ use super::{plan, PollResult};
 use crate::bus::{Bus, Liveness};
 use crate::config::Device;
 use crate::outbox::Outbox;
-use crate::record::Record;
+use crate::record::{Body, Record};
 
 /// Jobs waiting for one bus; past this the router answers "bus busy".
 const JOB_QUEUE: usize = 64;
@@ -55,9 +55,10 @@ pub struct BusTask {
     jobs: mpsc::Receiver<Job>,
     outbox: Outbox,
     alive: Liveness,
-    /// While a device's poll is in progress, the records of jobs that ran
-    /// between its transactions wait here: the poll read its points before
-    /// the job wrote, so the poll's report must reach the outbox first.
+    /// While a device's poll is in progress, the readings of jobs that ran
+    /// between its transactions (read-backs) wait here: the poll read its
+    /// points before the job wrote, so the poll's report must reach the
+    /// outbox first.
     held: Option<Vec<Record>>,
     status: watch::Sender<Vec<DeviceStatus>>,
 }
@@ -145,10 +146,11 @@ impl BusTask {
                 .find(|d| d.device.name == name)
                 .and_then(|d| d.offline.clone())
         };
-        let records = job.run(&mut self.bus, offline).await;
-        match &mut self.held {
-            Some(held) => held.extend(records),
-            None => records.into_iter().for_each(|r| self.outbox.append(r)),
+        for record in job.run(&mut self.bus, offline).await {
+            match &mut self.held {
+                Some(held) if matches!(record.body, Body::Attributes { .. }) => held.push(record),
+                _ => self.outbox.append(record),
+            }
         }
     }
 
@@ -161,13 +163,14 @@ impl BusTask {
         };
         let (unit, timeout) = (state.device.unit, state.device.timeout);
         let requests: Vec<_> = state.blocks.iter().map(plan::Block::request).collect();
-        self.held = Some(Vec::new());
         let mut replies = Vec::with_capacity(requests.len());
         let mut cut = false;
         for request in &requests {
             if let Ok(job) = self.jobs.try_recv() {
                 self.run_job(job).await;
             }
+            // From the first read on, read-backs wait for this poll's report.
+            self.held.get_or_insert_with(Vec::new);
             if stop.borrow().is_some() {
                 cut = true;
                 break;

@@ -10,7 +10,8 @@
 //! - accepted downlink work (writes, commands, frames), whose outcomes and
 //!   read-backs are always published, is admitted at up to 20 % of it.
 //!
-//! Both allow a burst of [`BURST`], so a person trying things never notices.
+//! Both allow a burst of ten seconds' worth of the publish rate (at least
+//! one, at most [`BURST`]), so a person trying things never notices.
 
 use std::collections::BTreeMap;
 
@@ -19,7 +20,7 @@ use tokio::time::Instant;
 
 use crate::record::{Body, Record};
 
-/// Requests (or rejections) allowed at once before the rate applies.
+/// The most requests (or rejections) allowed at once before the rate applies.
 pub(super) const BURST: f64 = 10.0;
 /// Shares of the publish rate.
 const REJECTION_SHARE: f64 = 0.1;
@@ -29,15 +30,17 @@ const UNCAPPED_REJECTIONS: f64 = 10.0;
 
 struct Bucket {
     tokens: f64,
+    burst: f64,
     /// Tokens per second; `None`: unlimited.
     rate: Option<f64>,
     at: Instant,
 }
 
 impl Bucket {
-    fn new(rate: Option<f64>) -> Self {
+    fn new(rate: Option<f64>, burst: f64) -> Self {
         Self {
-            tokens: BURST,
+            tokens: burst,
+            burst,
             rate,
             at: Instant::now(),
         }
@@ -49,7 +52,7 @@ impl Bucket {
         };
         let now = Instant::now();
         let refill = now.duration_since(self.at).as_secs_f64() * rate;
-        self.tokens = (self.tokens + refill).min(BURST);
+        self.tokens = (self.tokens + refill).min(self.burst);
         self.at = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -75,11 +78,13 @@ impl Gate {
     /// A gate for a platform that accepts `max_publish_rate` messages per
     /// second (`None`: no cap).
     pub(super) fn new(max_publish_rate: Option<f64>) -> Self {
+        let burst = max_publish_rate.map_or(BURST, |r| (r * 10.0).clamp(1.0, BURST));
         Self {
-            rejections: Bucket::new(Some(
-                max_publish_rate.map_or(UNCAPPED_REJECTIONS, |r| r * REJECTION_SHARE),
-            )),
-            admissions: Bucket::new(max_publish_rate.map(|r| r * ADMISSION_SHARE)),
+            rejections: Bucket::new(
+                Some(max_publish_rate.map_or(UNCAPPED_REJECTIONS, |r| r * REJECTION_SHARE)),
+                burst,
+            ),
+            admissions: Bucket::new(max_publish_rate.map(|r| r * ADMISSION_SHARE), burst),
             suppressed: BTreeMap::new(),
             replies_suppressed: 0,
         }

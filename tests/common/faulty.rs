@@ -37,6 +37,8 @@ struct State {
     coils: HashMap<(u8, u16), bool>,
     /// Faults for the next requests, in order.
     script: VecDeque<Fault>,
+    /// Faults for the next write requests, in order.
+    write_script: VecDeque<Fault>,
     /// Units that never answer.
     silent: HashSet<u8>,
     /// Units that do not answer writes (but answer reads).
@@ -59,7 +61,8 @@ impl Faulty {
             let mut buf = Vec::new();
             let mut chunk = [0u8; 512];
             loop {
-                let read = tokio::time::timeout(Duration::from_millis(50), line.read(&mut chunk)).await;
+                let read =
+                    tokio::time::timeout(Duration::from_millis(50), line.read(&mut chunk)).await;
                 match read {
                     Err(_) => {
                         buf.clear(); // an idle line ends whatever came
@@ -83,7 +86,10 @@ impl Faulty {
                     {
                         continue;
                     }
-                    let fault = s.script.pop_front();
+                    let fault = match request.is_write() {
+                        true => s.write_script.pop_front().or_else(|| s.script.pop_front()),
+                        false => s.script.pop_front(),
+                    };
                     (fault, answer(&mut s, unit.get(), &request))
                 };
                 let out: Vec<u8> = match fault {
@@ -122,7 +128,11 @@ impl Faulty {
     }
 
     pub fn set(&self, unit: u8, address: u16, value: u16) {
-        self.state.lock().unwrap().registers.insert((unit, address), value);
+        self.state
+            .lock()
+            .unwrap()
+            .registers
+            .insert((unit, address), value);
     }
 
     pub fn get(&self, unit: u8, address: u16) -> u16 {
@@ -138,6 +148,11 @@ impl Faulty {
     /// The next requests get these faults, in order.
     pub fn script(&self, faults: impl IntoIterator<Item = Fault>) {
         self.state.lock().unwrap().script.extend(faults);
+    }
+
+    /// The next write requests get these faults, in order.
+    pub fn script_writes(&self, faults: impl IntoIterator<Item = Fault>) {
+        self.state.lock().unwrap().write_script.extend(faults);
     }
 
     pub fn silence(&self, unit: u8, silent: bool) {

@@ -3,6 +3,8 @@
 //! the real `fieldgate` binary running against them.
 #![allow(dead_code)] // each test binary uses part of the harness
 
+pub mod faulty;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -44,6 +46,8 @@ impl Subscriber {
     pub async fn connect_with(port: u16, transport: Option<Transport>) -> Self {
         let id = format!("platform-{port}-{}", std::process::id());
         let mut options = MqttOptions::new(id, "127.0.0.1", port);
+        // The platform side sends and takes large messages (hostile tests).
+        options.set_max_packet_size(4 << 20, 4 << 20);
         if let Some(t) = transport {
             options.set_transport(t);
         }
@@ -95,6 +99,14 @@ impl Subscriber {
             .expect("publish");
     }
 
+    /// Publishes a retained message (QoS 1).
+    pub async fn publish_retained(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, true, payload.into())
+            .await
+            .expect("publish");
+    }
+
     pub fn all(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
     }
@@ -133,36 +145,61 @@ impl Drop for Subscriber {
     }
 }
 
+/// The binary under test: this build's, or `$FIELDGATE_BIN` (to run the
+/// same tests against another build, e.g. the last release, and see which
+/// of them it fails).
+pub fn bin() -> PathBuf {
+    std::env::var_os("FIELDGATE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_fieldgate")))
+}
+
 /// The real `fieldgate run` process, with its stderr log in a file.
 pub struct Gateway {
     child: Child,
     pub dir: tempfile::TempDir,
     log: PathBuf,
+    env: Vec<(String, String)>,
 }
 
 impl Gateway {
     /// Writes `config` (with `{data_dir}` filled in) and starts `fieldgate run`.
     pub fn start(config: &str) -> Self {
+        Self::start_with(config, &[])
+    }
+
+    /// The same, with extra environment variables (`NOTIFY_SOCKET` …).
+    pub fn start_with(config: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let config = config.replace("{data_dir}", &dir.path().join("data").display().to_string());
         std::fs::write(dir.path().join("fieldgate.toml"), config).expect("write config");
         let log = dir.path().join("fieldgate.log");
-        let child = Self::spawn(dir.path(), &log);
-        Self { child, dir, log }
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let child = Self::spawn(dir.path(), &log, &env);
+        Self {
+            child,
+            dir,
+            log,
+            env,
+        }
     }
 
-    fn spawn(dir: &Path, log: &Path) -> Child {
+    fn spawn(dir: &Path, log: &Path, env: &[(String, String)]) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .expect("log file");
-        Command::new(env!("CARGO_BIN_EXE_fieldgate"))
+        Command::new(bin())
             .args([
                 "--config",
                 dir.join("fieldgate.toml").to_str().unwrap(),
                 "run",
             ])
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -202,12 +239,12 @@ impl Gateway {
 
     /// Starts the same config and data directory again.
     pub fn restart(&mut self) {
-        self.child = Self::spawn(self.dir.path(), &self.log);
+        self.child = Self::spawn(self.dir.path(), &self.log, &self.env);
     }
 
     /// Runs another subcommand on the same config; returns its stdout.
     pub fn command(&self, args: &[&str]) -> String {
-        let out = Command::new(env!("CARGO_BIN_EXE_fieldgate"))
+        let out = Command::new(bin())
             .arg("--config")
             .arg(self.config_path())
             .args(args)
@@ -398,4 +435,36 @@ pub fn assert_complete_in_order(values: &[u64], first: u64, last: u64) {
         firsts.windows(2).all(|w| w[0] < w[1]),
         "out of order: {firsts:?}"
     );
+}
+
+/// A tmpfs mounted for one test, unmounted when dropped (needs root).
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// `options` as for `mount -o`, e.g. `size=1M` or `ro,size=1M`.
+    pub fn mount(path: &Path, options: &str) -> Option<Self> {
+        std::fs::create_dir_all(path).ok()?;
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .arg(path)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Self(path.to_path_buf()))
+    }
+
+    pub fn resize(&self, size: &str) {
+        let status = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
 }
