@@ -5,7 +5,7 @@
 //! Run: `cargo bench --bench outbox` (results in BENCHMARKS.md).
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fieldgate::config;
@@ -13,6 +13,8 @@ use fieldgate::outbox::{Outbox, Store};
 use fieldgate::platform;
 use fieldgate::record::{Body, Record};
 use tokio::sync::watch;
+
+mod common;
 
 fn record(i: u64) -> Record {
     let mut values = serde_json::Map::new();
@@ -32,26 +34,6 @@ fn record(i: u64) -> Record {
 
 fn free_port() -> u16 {
     fieldgate::broker::free_port().expect("port")
-}
-
-fn mosquitto(dir: &Path) -> (Child, u16) {
-    let port = free_port();
-    let conf = dir.join("mosquitto.conf");
-    std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 0\nmax_queued_messages 0\n")).unwrap();
-    let child = Command::new("mosquitto")
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("mosquitto (apt-get install mosquitto)");
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (child, port)
 }
 
 fn platform_config(port: u16, data_dir: &Path) -> config::Config {
@@ -122,7 +104,11 @@ fn rss_kib(pid: u32) -> u64 {
 fn main() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let work = tempfile::tempdir().unwrap();
-    let (mut broker, port) = mosquitto(work.path());
+    let (mut broker, port) = common::mosquitto(
+        work.path(),
+        "max_inflight_messages 0\nmax_queued_messages 0\n",
+    )
+    .expect("mosquitto (apt-get install mosquitto)");
 
     // 1. Append + publish + PUBACK + delete, concurrently, rate cap off.
     let n = 100_000;

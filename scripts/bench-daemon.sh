@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Runs `fieldgate run` against `fieldgate simulate --wire-time` (the 4 x 50
-# point bench map) and a local mosquitto for DURATION seconds, then reports
-# the daemon's RSS, CPU seconds and bytes written to disk. Usage: scripts/bench-daemon.sh [SECONDS] [BAUD] [POLL]
+# Runs `fieldgate run` against `fieldgate simulate --wire-time` (a bench map,
+# the 4 x 50 point one by default) and a local mosquitto for DURATION
+# seconds, then reports the daemon's RSS, CPU seconds and bytes written to
+# disk. Usage: scripts/bench-daemon.sh [SECONDS] [BAUD] [POLL] [MAP]
+# (FIELDGATE_BIN measures another build.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-duration=${1:-600} baud=${2:-9600} poll=${3:-2s}
-bin=target/release/fieldgate
+duration=${1:-600} baud=${2:-9600} poll=${3:-2s} map=${4:-config/bench-4x50.toml}
+bin=${FIELDGATE_BIN:-target/release/fieldgate}
+sim_bin=target/release/fieldgate
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
 
@@ -14,8 +17,8 @@ printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\n' "$port
 mosquitto -c "$work/mosquitto.conf" >/dev/null 2>&1 &
 for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
 
-sed -e "s/^baud = .*/baud = $baud/" -e "s/^poll = .*/poll = \"$poll\"/" config/bench-4x50.toml > "$work/sim.toml"
-"$bin" --config "$work/sim.toml" simulate --wire-time > "$work/sim.out" &
+sed -e "s/^baud = .*/baud = $baud/" -e "s/^poll = .*/poll = \"$poll\"/" "$map" > "$work/sim.toml"
+"$sim_bin" --config "$work/sim.toml" simulate --wire-time > "$work/sim.out" &
 for _ in $(seq 50); do grep -q '^bus ' "$work/sim.out" && break; sleep 0.1; done
 pty=$(awk '/^bus /{print $3; exit}' "$work/sim.out")
 
@@ -32,7 +35,7 @@ rss=$(awk '/VmRSS/{print $2}' "/proc/$pid/status")
 hwm=$(awk '/VmHWM/{print $2}' "/proc/$pid/status")
 msgs=$(wc -l < "$work/received")
 written=$(awk '/^write_bytes/{print $2}' "/proc/$pid/io")
-echo "duration_s=$duration baud=$baud poll=$poll"
+echo "map=$map duration_s=$duration baud=$baud poll=$poll bin=$bin"
 echo "messages_received=$msgs"
 echo "rss_kib=$rss peak_rss_kib=$hwm"
 echo "cpu_s=$(echo "scale=2; ($utime + $stime) / $tck" | bc) (user $(echo "scale=2; $utime/$tck" | bc), system $(echo "scale=2; $stime/$tck" | bc))"

@@ -24,13 +24,13 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::bus::Bus;
-use crate::commands::Usage;
 use crate::config::{self, Config, Platform};
 use crate::outbox::Outbox;
 use crate::platform;
 use crate::poll::job::Job;
 use crate::poll::{BusHandle, BusTask, StopReason};
 use crate::router::{Incoming, Router};
+use crate::Usage;
 
 /// Downlink messages waiting for the router.
 const DOWNLINK_QUEUE: usize = 256;

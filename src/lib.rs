@@ -28,6 +28,12 @@ pub mod router;
 pub mod sim;
 pub mod text;
 
+/// Bad usage (an unknown device, bus or point named on the command line, a
+/// config without what the command needs): exit code 2, like a bad config.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Usage(pub String);
+
 /// Resolves once the shutdown flag turns true (or its sender is gone).
 pub async fn stopped(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|s| *s).await;

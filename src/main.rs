@@ -6,9 +6,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use fieldgate::commands::{self, Usage};
 use fieldgate::config::{self, ConfigError};
 use fieldgate::daemon;
+use fieldgate::{commands, Usage};
 
 #[derive(Parser)]
 #[command(version, about = "Modbus RTU to MQTT edge gateway")]
@@ -141,7 +141,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(match cli.command {

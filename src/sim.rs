@@ -432,7 +432,11 @@ impl tokio_modbus::server::Service for Service {
                 let resp_len = if answer.is_err() { 5 } else { resp_len };
                 bus.char_time(req_len + resp_len) + bus.frame_gap()
             });
-            tokio::time::sleep(wire + delay).await;
+            // Precisely: tokio's millisecond timer would add up to 1 ms to
+            // every answer, which is not the line's time but the simulator's.
+            crate::bus::Gap::new()
+                .until(tokio::time::Instant::now() + wire + delay)
+                .await;
             answer.map(Some)
         })
     }

@@ -544,8 +544,10 @@ fn a_baud_below_300_is_a_config_error() {
     assert!(stderr.contains("300"), "{stderr}");
 }
 
-/// Defect 9: while the disk is full, every reading that is not stored is
-/// counted: delivered + dropped + still held accounts for every poll.
+/// Defect 9: a full disk does not stop the daemon, is logged once, and
+/// storing resumes by itself when space returns; every reading that was
+/// not stored is counted: delivered + dropped + still held accounts for
+/// every poll.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readings_a_full_disk_cannot_store_are_all_counted() {
     let dir = tempfile::tempdir().unwrap();
@@ -590,6 +592,13 @@ async fn readings_a_full_disk_cannot_store_are_all_counted() {
     }
     // Several reopen cycles while full.
     tokio::time::sleep(Duration::from_secs(12)).await;
+    assert!(gw.running(), "a full disk must not stop the daemon");
+    assert_eq!(
+        gw.log_lines("cannot append").len(),
+        1,
+        "logged once:\n{}",
+        gw.log()
+    );
     disk.resize("64M");
     let start = Instant::now();
     while gw.log_lines("appending works again").is_empty() {

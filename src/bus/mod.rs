@@ -15,6 +15,9 @@
 mod gap;
 mod serial;
 
+#[cfg(feature = "sim")]
+pub(crate) use gap::Gap;
+
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -452,48 +455,18 @@ pub(crate) mod fake {
     use tokio::io::{DuplexStream, ReadBuf};
 
     /// Our end of the line.
-    pub(crate) struct End(pub(crate) DuplexStream);
-
-    impl Stream for End {
+    impl Stream for DuplexStream {
         fn discard_input(&mut self) -> io::Result<()> {
             let waker = futures::task::noop_waker();
             let mut cx = Context::from_waker(&waker);
             let mut scratch = [0u8; 256];
             loop {
                 let mut buf = ReadBuf::new(&mut scratch);
-                match Pin::new(&mut self.0).poll_read(&mut cx, &mut buf) {
+                match Pin::new(&mut *self).poll_read(&mut cx, &mut buf) {
                     Poll::Ready(Ok(())) if !buf.filled().is_empty() => continue,
                     _ => return Ok(()),
                 }
             }
-        }
-    }
-
-    impl AsyncRead for End {
-        fn poll_read(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &mut ReadBuf<'_>,
-        ) -> Poll<io::Result<()>> {
-            Pin::new(&mut self.0).poll_read(cx, buf)
-        }
-    }
-
-    impl AsyncWrite for End {
-        fn poll_write(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            Pin::new(&mut self.0).poll_write(cx, buf)
-        }
-
-        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Pin::new(&mut self.0).poll_flush(cx)
-        }
-
-        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Pin::new(&mut self.0).poll_shutdown(cx)
         }
     }
 
@@ -561,7 +534,7 @@ pub(crate) mod fake {
                 }
             }
         });
-        Bus::over(config, Box::new(End(ours)))
+        Bus::over(config, Box::new(ours))
     }
 
     /// A bus over a line to `slave`.

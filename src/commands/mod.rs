@@ -14,12 +14,6 @@ pub mod write;
 use std::fmt::Write as _;
 use std::time::Duration;
 
-/// Bad usage (unknown device, bus or point named on the command line):
-/// exit code 2, like a bad config.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct Usage(pub String);
-
 /// `1.2 ms`, `350 ms`, `2.5 s`: durations for people.
 pub fn human(d: Duration) -> String {
     let ms = d.as_secs_f64() * 1000.0;

@@ -2,9 +2,10 @@
 //! printed as a table. For commissioning; needs no MQTT.
 
 use crate::bus::Bus;
-use crate::commands::{hex_words, Usage};
+use crate::commands::hex_words;
 use crate::config::{Config, Device};
 use crate::poll::{self, plan, Raw};
+use crate::Usage;
 
 /// The device `name` with only the points `names` (all if empty).
 pub fn select(config: &Config, name: &str, names: &[String]) -> Result<Device, Usage> {

@@ -3,9 +3,10 @@
 use std::ops::RangeInclusive;
 
 use crate::bus::Bus;
-use crate::commands::{hex_words, human, Usage};
+use crate::commands::{hex_words, human};
 use crate::config::{Config, UnitId};
 use crate::modbus::{Reply, Request, TxError};
+use crate::Usage;
 
 /// Parses `A-B` (or a single id) within 1..247.
 pub fn parse_units(text: &str) -> Result<RangeInclusive<u8>, String> {

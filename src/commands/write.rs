@@ -5,11 +5,12 @@
 use serde_json::{Map, Value};
 
 use crate::bus::Bus;
-use crate::commands::{read, Usage};
+use crate::commands::read;
 use crate::config::Config;
 use crate::poll::job::execute_write;
 use crate::router::downlink::Target;
 use crate::router::write;
+use crate::Usage;
 
 /// VALUE as typed: a JSON literal (`true`, `21.5`, `-3`), else text.
 fn parse_value(text: &str) -> Value {
