@@ -15,6 +15,8 @@ use fieldgate::poll::plan;
 use fieldgate::sim::Slaves;
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 
+mod common;
+
 const WRITES: u16 = 300;
 
 fn percentile(v: &mut [Duration], p: f64) -> Duration {
@@ -51,8 +53,16 @@ fn config_text(busy: bool, broker: u16, port: &Path, data_dir: &Path) -> String 
 
 async fn run(busy: bool) {
     let work = tempfile::tempdir().unwrap();
-    let broker = fieldgate::broker::free_port().unwrap();
-    fieldgate::broker::start(broker).unwrap();
+    // mosquitto when installed (the broker of a real site), else the
+    // embedded one.
+    let (mut mosquitto, broker) = match common::mosquitto(work.path(), "") {
+        Some((child, port)) => (Some(child), port),
+        None => {
+            let port = fieldgate::broker::free_port().unwrap();
+            fieldgate::broker::start(port).unwrap();
+            (None, port)
+        }
+    };
     let config_path = work.path().join("fieldgate.toml");
     // The simulator needs the config's devices; the pty path is filled in after.
     let draft = config::parse(
@@ -60,7 +70,9 @@ async fn run(busy: bool) {
         &config_text(busy, broker, Path::new("/dev/null"), work.path()),
     )
     .unwrap();
-    let slaves = Slaves::for_devices(&draft.devices).with_wire_time(&draft.buses[0]);
+    // A logging simulator: its log says when each write arrived.
+    let slaves = Slaves::new().with_wire_time(&draft.buses[0]);
+    slaves.animate(&draft.devices.iter().collect::<Vec<_>>(), 0.0);
     let pty = slaves.serve().unwrap();
     std::fs::write(
         &config_path,
@@ -75,7 +87,10 @@ async fn run(busy: bool) {
         .max()
         .unwrap_or_default();
 
-    let mut gateway = Command::new(env!("CARGO_BIN_EXE_fieldgate"))
+    // `FIELDGATE_BIN` measures another build (e.g. the previous release).
+    let bin = std::env::var("FIELDGATE_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_fieldgate").to_string());
+    let mut gateway = Command::new(bin)
         .args(["--config", config_path.to_str().unwrap(), "run"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -143,14 +158,19 @@ async fn run(busy: bool) {
     }
     let _ = gateway.kill();
     let _ = gateway.wait();
+    if let Some(m) = mosquitto.as_mut() {
+        let _ = m.kill();
+        let _ = m.wait();
+    }
     let (p50, p99, max) = (
         percentile(&mut latencies, 0.5),
         percentile(&mut latencies, 0.99),
         percentile(&mut latencies, 1.0),
     );
     println!(
-        "{} bus, 9600 baud: {WRITES} writes, publish -> write frame at the slave: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; longest poll transaction {:.1} ms; goal p99 <= {:.1} ms",
+        "{} bus, 9600 baud, {}: {WRITES} writes, publish -> write frame at the slave: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; longest poll transaction {:.1} ms; goal p99 <= {:.1} ms",
         if busy { "busy" } else { "idle" },
+        if mosquitto.is_some() { "mosquitto" } else { "embedded rumqttd" },
         ms(p50),
         ms(p99),
         ms(max),

@@ -76,10 +76,7 @@ async fn drain(outbox: Outbox, config: &config::Config, producer: Option<u64>) -
             }
         }
     }
-    // The figures are refreshed at every flush (500 ms): what matters is
-    // the time the last acknowledgement was taken.
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    while outbox.stats().messages > 0 {
+    while outbox.counts().await.0 > 0 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let took = start.elapsed();

@@ -6,9 +6,11 @@
 //! Everything else holds an [`Outbox`] handle and sends it messages: appends
 //! from the bus owners, the router and the daemon arrive on one channel, in
 //! one order; the publisher reads ahead and acknowledges on the same channel.
-//! The owner seals and flushes every [`FLUSH_EVERY`], publishes its figures
-//! ([`Stats`]) and keeps the status file that `fieldgate buffer` reads while
-//! the daemon holds the store.
+//! The owner seals every [`FLUSH_EVERY`] and has a flusher thread sync the
+//! disk meanwhile (an fsync on an SD card takes tens of milliseconds; reads
+//! and appends do not wait for it), publishes its figures ([`Stats`]) and
+//! keeps the status file that `fieldgate buffer` reads while the daemon
+//! holds the store.
 
 mod store;
 
@@ -19,7 +21,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, watch, Notify};
 
 use crate::record::Record;
-pub use store::{read_status, OutboxError, Stats, Store, FLUSH_EVERY};
+pub use store::{read_status, Flush, OutboxError, Stats, Store, FLUSH_EVERY};
 
 /// Appends waiting for the owner. Past this (a disk so slow that the owner
 /// cannot keep up) new records are dropped and counted, never blocking the
@@ -40,6 +42,7 @@ enum Msg {
     },
     Ack(Vec<u64>),
     Discard(Vec<u64>),
+    Counts(oneshot::Sender<(u64, u64)>),
     Close(oneshot::Sender<Result<(), OutboxError>>),
 }
 
@@ -59,6 +62,19 @@ impl Outbox {
     pub fn start(data_dir: &std::path::Path, max_bytes: u64) -> Result<Self, OutboxError> {
         let store = Store::open(data_dir, max_bytes)?;
         let (tx, rx) = mpsc::channel();
+        let (flush_tx, flushes) = mpsc::channel::<Flush>();
+        let (done, flush_results) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("outbox-flush".into())
+            .spawn(move || {
+                for flush in flushes {
+                    let result = flush.db.flush().map(drop);
+                    if done.send((flush, result)).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| OutboxError::Thread(e.to_string()))?;
         let (stats_tx, stats) = watch::channel(store.stats());
         let outbox = Self {
             tx,
@@ -75,6 +91,9 @@ impl Outbox {
             appended: outbox.appended.clone(),
             stats: stats_tx,
             status_written: None,
+            flusher: flush_tx,
+            flush_results,
+            flushing: false,
         };
         std::thread::Builder::new()
             .name("outbox".into())
@@ -98,19 +117,24 @@ impl Outbox {
 
     /// Up to `limit` records after sequence number `after`, oldest first.
     pub async fn read(&self, after: Option<u64>, limit: usize) -> Vec<(u64, Record)> {
+        self.request_read(after, limit).await.unwrap_or_default()
+    }
+
+    /// The same, as a request whose answer arrives on the returned channel:
+    /// for a task that must go on serving other events meanwhile.
+    pub fn request_read(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> oneshot::Receiver<Vec<(u64, Record)>> {
         let (reply, answer) = oneshot::channel();
-        if self
-            .tx
-            .send(Msg::Read {
-                after,
-                limit,
-                reply,
-            })
-            .is_err()
-        {
-            return Vec::new();
-        }
-        answer.await.unwrap_or_default()
+        // If the owner is gone, `reply` is dropped and the answer an error.
+        let _ = self.tx.send(Msg::Read {
+            after,
+            limit,
+            reply,
+        });
+        answer
     }
 
     /// The broker acknowledged these records.
@@ -135,6 +159,15 @@ impl Outbox {
         self.stats.borrow().clone()
     }
 
+    /// Records held and their bytes, as of now.
+    pub async fn counts(&self) -> (u64, u64) {
+        let (reply, answer) = oneshot::channel();
+        if self.tx.send(Msg::Counts(reply)).is_err() {
+            return (0, 0);
+        }
+        answer.await.unwrap_or_default()
+    }
+
     /// Stores everything appended so far, flushes and stops the owner.
     /// Call it once every producer has stopped.
     pub async fn close(&self) -> Result<(), OutboxError> {
@@ -155,6 +188,10 @@ struct Owner {
     appended: Arc<Notify>,
     stats: watch::Sender<Stats>,
     status_written: Option<(Stats, Instant)>,
+    flusher: mpsc::Sender<Flush>,
+    flush_results: mpsc::Receiver<(Flush, sled::Result<()>)>,
+    /// A flush is under way on the flusher thread.
+    flushing: bool,
 }
 
 impl Owner {
@@ -181,6 +218,9 @@ impl Owner {
                     }
                 }
                 Ok(Msg::Discard(seqs)) => self.store.discard(&seqs),
+                Ok(Msg::Counts(reply)) => {
+                    let _ = reply.send(self.store.counts());
+                }
                 Ok(Msg::Close(reply)) => {
                     let _ = reply.send(self.close());
                     return;
@@ -190,6 +230,10 @@ impl Owner {
                     let _ = self.close();
                     return;
                 }
+            }
+            while let Ok((flush, result)) = self.flush_results.try_recv() {
+                self.flushing = false;
+                self.store.flushed(flush, result);
             }
             if Instant::now() >= next_flush {
                 self.flush();
@@ -206,11 +250,22 @@ impl Owner {
         }
     }
 
-    /// Seals and flushes, then publishes the figures and keeps the status
-    /// file fresh.
+    /// Seals and starts a flush (unless one is under way: what is sealed
+    /// now goes with the next), then publishes the figures and keeps the
+    /// status file fresh.
     fn flush(&mut self) {
         self.take_lost();
-        self.store.seal_and_flush();
+        if !self.flushing {
+            if let Some(flush) = self.store.seal_for_flush() {
+                match self.flusher.send(flush) {
+                    Ok(()) => self.flushing = true,
+                    Err(mpsc::SendError(flush)) => {
+                        let result = flush.db.flush().map(drop);
+                        self.store.flushed(flush, result);
+                    }
+                }
+            }
+        }
         let stats = self.store.stats();
         let due = match &self.status_written {
             None => true,
@@ -236,6 +291,13 @@ impl Owner {
 
     fn close(&mut self) -> Result<(), OutboxError> {
         self.take_lost();
+        // Wait for the flush under way: it holds the database.
+        if self.flushing {
+            if let Ok((flush, result)) = self.flush_results.recv() {
+                self.store.flushed(flush, result);
+            }
+            self.flushing = false;
+        }
         let result = self.store.close();
         self.stats.send_replace(self.store.stats());
         result

@@ -142,6 +142,13 @@ fn frames(value: &[u8]) -> Vec<(u64, &[u8])> {
     out
 }
 
+/// A flush to run on another thread: a handle to the database and the
+/// segments it makes durable.
+pub struct Flush {
+    pub db: sled::Db,
+    segments: Vec<(u64, u64)>,
+}
+
 /// A sealed segment the publisher has read: which of its records still
 /// wait for an acknowledgement.
 struct Partial {
@@ -351,22 +358,51 @@ impl Store {
     /// leaves the segments sealed since the last good one in doubt: they are
     /// counted as dropped unless the reopened store shows them.
     pub fn seal_and_flush(&mut self) {
+        if let Some(flush) = self.seal_for_flush() {
+            let result = flush.db.flush().map(drop);
+            self.flushed(flush, result);
+        }
+    }
+
+    /// Seals the open segment and hands out what a flush needs, so the
+    /// owner can have the disk synced on another thread while it goes on
+    /// serving reads and appends. `None` while storing fails (nothing to
+    /// flush; the store is reopened every [`REOPEN_EVERY`] instead).
+    pub fn seal_for_flush(&mut self) -> Option<Flush> {
         self.retry_if_failing();
         self.seal();
-        let Some(sled) = &self.s.sled else {
-            return;
-        };
+        let sled = self.s.sled.as_ref()?;
         if self.s.failing.is_some() {
-            return;
+            return None;
         }
-        match sled.db.flush() {
-            Ok(_) => self.s.unflushed.clear(),
-            Err(e) => {
-                let doubtful = std::mem::take(&mut self.s.unflushed);
-                self.s.suspect.extend(doubtful);
-                self.failed(&e);
-            }
+        Some(Flush {
+            db: sled.db.clone(),
+            segments: std::mem::take(&mut self.s.unflushed),
+        })
+    }
+
+    /// The outcome of a [`Flush`]: on failure its segments are in doubt
+    /// until a reopen shows which reached the disk.
+    pub fn flushed(&mut self, flush: Flush, result: sled::Result<()>) {
+        drop(flush.db);
+        if let Err(e) = result {
+            self.s.suspect.extend(flush.segments);
+            self.failed(&e);
         }
+    }
+
+    /// Records held and their bytes, without reading the store (cheap).
+    pub fn counts(&self) -> (u64, u64) {
+        let s = &self.s;
+        let acked: u64 = s
+            .partial
+            .values()
+            .map(|p| p.count - p.pending.len() as u64)
+            .sum();
+        (
+            (s.sealed.count + s.open.len() as u64).saturating_sub(acked),
+            s.sealed.bytes + s.open_bytes,
+        )
     }
 
     /// While failing: reopens the store every [`REOPEN_EVERY`].
@@ -597,14 +633,10 @@ impl Store {
     /// `oldest_ms` reads the store: call it on a timer, not per message.
     pub fn stats(&self) -> Stats {
         let s = &self.s;
-        let acked: u64 = s
-            .partial
-            .values()
-            .map(|p| p.count - p.pending.len() as u64)
-            .sum();
+        let (messages, bytes) = self.counts();
         Stats {
-            messages: (s.sealed.count + s.open.len() as u64).saturating_sub(acked),
-            bytes: s.sealed.bytes + s.open_bytes,
+            messages,
+            bytes,
             max_bytes: self.max_bytes,
             oldest_ms: oldest(s).map(|r| r.taken_ms),
             dropped: s.sealed.dropped + s.suspect.iter().map(|(_, n)| n).sum::<u64>(),

@@ -15,7 +15,7 @@ use rumqttc::{
     AsyncClient, ConnectionError, Event, LastWill, MqttOptions, Outgoing as MqttOutgoing, Packet,
     QoS, StateError, Transport,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{sleep, sleep_until, Instant};
 
 use crate::config::{Platform, Profile};
@@ -174,10 +174,16 @@ pub async fn run(
     );
     let mut subscriptions = Subscriptions::new(platform);
     let mut last_error: Option<String> = None;
+    // Acknowledged records go to the outbox in batches, whenever the event
+    // loop has nothing more ready (or a window's worth is waiting): one
+    // message per PUBACK would wake its thread for every record of a replay.
+    let mut acks = Acks::default();
+    // A read-ahead request to the outbox, answered while the event loop
+    // goes on (the outbox may be busy with the disk for a moment).
+    let mut reading: Option<oneshot::Receiver<Vec<(u64, crate::record::Record)>>> = None;
     'run: loop {
-        if publisher.wants_records() {
-            let records = outbox.read(publisher.read_position(), READ_AHEAD).await;
-            publisher.refill(records);
+        if reading.is_none() && publisher.wants_records() {
+            reading = Some(outbox.request_read(publisher.read_position(), READ_AHEAD));
         }
         let ready = publisher.ready_at();
         tokio::select! {
@@ -210,9 +216,10 @@ pub async fn run(
                     }
                 }
                 Ok(Event::Outgoing(MqttOutgoing::Publish(pkid))) => publisher.assigned(pkid),
-                Ok(Event::Incoming(Packet::PubAck(ack))) => outbox.ack(publisher.acked(ack.pkid)),
+                Ok(Event::Incoming(Packet::PubAck(ack))) => acks.add(publisher.acked(ack.pkid), &outbox),
                 Ok(_) => {}
                 Err(e) => {
+                    acks.send(&outbox);
                     // rumqttc would resend its own copies; the outbox resends
                     // everything unacknowledged instead, in order.
                     eventloop.pending.clear();
@@ -220,6 +227,8 @@ pub async fn run(
                     if let Some(size) = oversized_incoming(&e) {
                         subscriptions.blame(size);
                     }
+                    // A read-ahead asked for before the rewind is stale.
+                    reading = None;
                     let wait = publisher.disconnected();
                     let text = describe(&e);
                     if last_error.as_deref() != Some(text.as_str()) {
@@ -232,6 +241,15 @@ pub async fn run(
                     }
                 }
             },
+            records = async {
+                match reading.as_mut() {
+                    Some(answer) => answer.await.unwrap_or_default(),
+                    None => std::future::pending().await,
+                }
+            }, if reading.is_some() => {
+                reading = None;
+                publisher.refill(records);
+            }
             () = sleep_until(ready.unwrap_or_else(Instant::now)), if ready.is_some() => {
                 match publisher.take(Instant::now()) {
                     Some(Outgoing::Publish(message, _)) => {
@@ -239,6 +257,7 @@ pub async fn run(
                         // A full request channel cannot happen while the window
                         // is smaller than it; resend from the oldest if it does.
                         if sent.is_err() {
+                            reading = None;
                             publisher.rewind();
                         }
                     }
@@ -249,12 +268,14 @@ pub async fn run(
                     None => {}
                 }
             },
+            () = sleep_until(acks.due.unwrap_or_else(Instant::now)), if acks.due.is_some() => acks.send(&outbox),
             // New records join the read-ahead before the next slot, so that
             // what waits together is combined.
             () = outbox.appended(), if publisher.phase() != Phase::BackingOff => publisher.appended(),
         }
     }
     connected_flag.store(false, Ordering::Relaxed);
+    acks.send(&outbox);
     if let Some(topic) = status {
         let _ = client.try_publish(topic, QoS::AtLeastOnce, true, "offline");
     }
@@ -263,7 +284,9 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         loop {
             match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(ack))) => outbox.ack(publisher.acked(ack.pkid)),
+                Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                    acks.add(publisher.acked(ack.pkid), &outbox)
+                }
                 Ok(Event::Outgoing(MqttOutgoing::Publish(pkid))) => publisher.assigned(pkid),
                 Ok(Event::Outgoing(MqttOutgoing::Disconnect)) | Err(_) => break,
                 Ok(_) => {}
@@ -271,4 +294,30 @@ pub async fn run(
         }
     })
     .await;
+    acks.send(&outbox);
+}
+
+/// Acknowledged records not yet told to the outbox.
+#[derive(Default)]
+struct Acks {
+    seqs: Vec<u64>,
+    /// Set while some wait: the (biased) select tells them as soon as no
+    /// event is ready.
+    due: Option<Instant>,
+}
+
+impl Acks {
+    fn add(&mut self, seqs: Vec<u64>, outbox: &Outbox) {
+        self.seqs.extend(seqs);
+        if self.seqs.len() >= publisher::WINDOW {
+            self.send(outbox);
+        } else if !self.seqs.is_empty() {
+            self.due.get_or_insert_with(Instant::now);
+        }
+    }
+
+    fn send(&mut self, outbox: &Outbox) {
+        self.due = None;
+        outbox.ack(std::mem::take(&mut self.seqs));
+    }
 }

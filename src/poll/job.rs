@@ -134,6 +134,21 @@ impl Job {
         }
     }
 
+    /// The device this job writes and the names of the points it writes.
+    pub fn writes(&self) -> Option<(String, Vec<String>)> {
+        let plans: &[WritePlan] = match self {
+            Job::Write { plan, .. } => std::slice::from_ref(plan),
+            Job::Command { plans, .. } => plans,
+            Job::Frame { .. } | Job::Exchange { .. } => return None,
+        };
+        let device = plans.first()?.device.name.clone();
+        let points = plans
+            .iter()
+            .flat_map(|p| p.writes.iter().map(|(point, _)| point.name.clone()))
+            .collect();
+        Some((device, points))
+    }
+
     /// The job is not run (`reason`); the records that say so. Every
     /// accepted job gets an outcome, whatever happens to the daemon.
     pub fn refuse(self, reason: &str) -> Vec<Record> {

@@ -17,7 +17,7 @@ use super::{plan, PollResult};
 use crate::bus::{Bus, Liveness};
 use crate::config::Device;
 use crate::outbox::Outbox;
-use crate::record::{Body, Record};
+use crate::record::Record;
 
 /// Jobs waiting for one bus; past this the router answers "bus busy".
 const JOB_QUEUE: usize = 64;
@@ -55,11 +55,6 @@ pub struct BusTask {
     jobs: mpsc::Receiver<Job>,
     outbox: Outbox,
     alive: Liveness,
-    /// While a device's poll is in progress, the readings of jobs that ran
-    /// between its transactions (read-backs) wait here: the poll read its
-    /// points before the job wrote, so the poll's report must reach the
-    /// outbox first.
-    held: Option<Vec<Record>>,
     status: watch::Sender<Vec<DeviceStatus>>,
 }
 
@@ -89,7 +84,6 @@ impl BusTask {
             jobs,
             outbox,
             alive,
-            held: None,
             status,
         };
         (task, handle)
@@ -137,7 +131,7 @@ impl BusTask {
         }
     }
 
-    /// Runs one job and appends its records (held while a poll is open).
+    /// Runs one job and appends its records.
     async fn run_job(&mut self, job: Job) {
         let devices = &self.devices;
         let offline = |name: &str| {
@@ -147,15 +141,15 @@ impl BusTask {
                 .and_then(|d| d.offline.clone())
         };
         for record in job.run(&mut self.bus, offline).await {
-            match &mut self.held {
-                Some(held) if matches!(record.body, Body::Attributes { .. }) => held.push(record),
-                _ => self.outbox.append(record),
-            }
+            self.outbox.append(record);
         }
     }
 
     /// Reads every block of device `index`, with at most one queued job
-    /// before each transaction, then reports.
+    /// before each transaction, then reports. A point that a job wrote after
+    /// this poll had read it is left out of the report: its value is older
+    /// than the job's read-back, which is already on its way, and must not
+    /// follow it.
     async fn poll(&mut self, index: usize, stop: &mut watch::Receiver<Option<StopReason>>) {
         let taken = SystemTime::now();
         let Some(state) = self.devices.get(index) else {
@@ -165,12 +159,17 @@ impl BusTask {
         let requests: Vec<_> = state.blocks.iter().map(plan::Block::request).collect();
         let mut replies = Vec::with_capacity(requests.len());
         let mut cut = false;
+        // Points written by jobs, with how many blocks had been read before.
+        let mut overtaken: Vec<(String, usize)> = Vec::new();
         for request in &requests {
             if let Ok(job) = self.jobs.try_recv() {
+                if let Some((device, points)) = job.writes() {
+                    if device == state_name(&self.devices, index) {
+                        overtaken.extend(points.into_iter().map(|p| (p, replies.len())));
+                    }
+                }
                 self.run_job(job).await;
             }
-            // From the first read on, read-backs wait for this poll's report.
-            self.held.get_or_insert_with(Vec::new);
             if stop.borrow().is_some() {
                 cut = true;
                 break;
@@ -185,12 +184,22 @@ impl BusTask {
             };
             replies.push(reply);
         }
-        let held = self.held.take().unwrap_or_default();
         if !cut {
             if let Some(state) = self.devices.get_mut(index) {
                 let now = Instant::now();
                 let result = PollResult { replies };
-                let values = result.values(&state.device.points, &state.blocks);
+                let mut values = result.values(&state.device.points, &state.blocks);
+                for (name, read_before) in &overtaken {
+                    for block in state.blocks.iter().take(*read_before) {
+                        for &i in &block.points {
+                            if state.device.points.get(i).is_some_and(|p| &p.name == name) {
+                                if let Some(value) = values.get_mut(i) {
+                                    *value = None;
+                                }
+                            }
+                        }
+                    }
+                }
                 let event = state.record(&result);
                 state.replan(&result);
                 let reading = state.report(values, taken, now);
@@ -206,8 +215,10 @@ impl BusTask {
                 }
             }
         }
-        for record in held {
-            self.outbox.append(record);
-        }
     }
+}
+
+/// The name of device `index`.
+fn state_name(devices: &[DeviceState], index: usize) -> &str {
+    devices.get(index).map_or("", |d| d.device.name.as_str())
 }
