@@ -64,7 +64,16 @@ async fn drain(outbox: Outbox, config: &config::Config, producer: Option<u64>) -
     let publisher = {
         let outbox = outbox.clone();
         tokio::spawn(async move {
-            platform::run("bench", &platform, outbox, None, Default::default(), stop).await
+            platform::run(
+                "bench",
+                &platform,
+                outbox,
+                None,
+                Default::default(),
+                tokio::sync::watch::channel(None).1,
+                stop,
+            )
+            .await
         })
     };
     let start = Instant::now();

@@ -27,6 +27,7 @@ use crate::bus::Bus;
 use crate::config::{self, Config, Platform};
 use crate::outbox::Outbox;
 use crate::platform;
+use crate::platform::budget::Budget;
 use crate::poll::job::Job;
 use crate::poll::{BusHandle, BusTask, StopReason};
 use crate::router::{Incoming, Router};
@@ -120,17 +121,28 @@ impl Uplink {
         outbox: &Outbox,
         downlink: &mpsc::Sender<Incoming>,
         connected: &Arc<AtomicBool>,
+        budget: &watch::Receiver<Option<Budget>>,
     ) -> Self {
         let (stop, stopped) = watch::channel(false);
-        let (id, platform, outbox, downlink, connected) = (
+        let (id, platform, outbox, downlink, connected, budget) = (
             gateway_id.to_string(),
             platform.clone(),
             outbox.clone(),
             downlink.clone(),
             connected.clone(),
+            budget.clone(),
         );
         let task = tokio::spawn(async move {
-            platform::run(&id, &platform, outbox, Some(downlink), connected, stopped).await;
+            platform::run(
+                &id,
+                &platform,
+                outbox,
+                Some(downlink),
+                connected,
+                budget,
+                stopped,
+            )
+            .await;
         });
         Self { stop, task }
     }
@@ -156,6 +168,7 @@ pub async fn run(
     let outbox = Outbox::start(&config.gateway.data_dir, config.buffer.max_bytes)?;
     let (downlink_tx, mut downlink_rx) = mpsc::channel(DOWNLINK_QUEUE);
     let connected = Arc::new(AtomicBool::new(false));
+    let (budget_tx, budget) = watch::channel(platform_budget(&config));
 
     let mut field = Field::start(&config, &outbox);
     let mut router = Router::new(Arc::new(config.clone()), field.jobs(), outbox.clone());
@@ -165,6 +178,7 @@ pub async fn run(
         &outbox,
         &downlink_tx,
         &connected,
+        &budget,
     );
     log::info!(
         target: "daemon",
@@ -188,10 +202,11 @@ pub async fn run(
                         field.stop("the config was reloaded").await;
                         field = Field::start(&new, &outbox);
                         router.reconfigure(Arc::new(new.clone()), field.jobs());
+                        budget_tx.send_replace(platform_budget(&new));
                         if new.platform != config.platform {
                             if let Some(platform) = &new.platform {
                                 uplink.stop().await;
-                                uplink = Uplink::start(&new.gateway.id, platform, &outbox, &downlink_tx, &connected);
+                                uplink = Uplink::start(&new.gateway.id, platform, &outbox, &downlink_tx, &connected, &budget);
                             }
                         }
                         log::info!(target: "daemon", "reloaded the config: {} buses, {} devices", field.buses.len(), new.devices.len());
@@ -240,6 +255,15 @@ fn reload(path: Option<&Path>, running: &Config) -> anyhow::Result<Config> {
         new.buffer = running.buffer.clone();
     }
     Ok(new)
+}
+
+/// The budget of `config`, with a warning when it cannot keep up.
+fn platform_budget(config: &Config) -> Option<Budget> {
+    let budget = Budget::of(config)?;
+    if budget.over() {
+        log::warn!(target: "daemon", "{}", budget.advice());
+    }
+    Some(budget)
 }
 
 /// One line for `systemctl status`: devices online, outbox depth, uplink.

@@ -44,6 +44,9 @@ pub enum Body {
     /// A raw frame's response for `data/<stream>`, already in the stream's
     /// encoding.
     Stream { name: String, payload: Vec<u8> },
+    /// A sub-device answered (first poll, or again after being offline) or
+    /// went offline: ThingsCloud's `gateway/connect` / `gateway/disconnect`.
+    Presence { key: String, online: bool },
 }
 
 /// A device's decoded values from one poll, before it becomes a [`Record`].

@@ -87,6 +87,15 @@ pub fn to_hex(bytes: &[u8]) -> String {
     out
 }
 
+/// `1 bus`, `2 buses`, `1 point`, `3 points`.
+pub fn count(n: usize, singular: &str) -> String {
+    match (n, singular) {
+        (1, _) => format!("1 {singular}"),
+        (_, "bus") => format!("{n} buses"),
+        _ => format!("{n} {singular}s"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

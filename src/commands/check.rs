@@ -3,9 +3,11 @@
 
 use std::time::Duration;
 
-use crate::commands::{count, human};
+use crate::commands::human;
 use crate::config::{Bus, BusMode, Config, Parity};
+use crate::platform::budget::Budget;
 use crate::poll::plan::{self, TURNAROUND};
+use crate::text::count;
 
 fn line_settings(bus: &Bus) -> String {
     let parity = match bus.parity {
@@ -110,6 +112,13 @@ pub fn report(config: &Config, source: &str) -> (String, usize) {
                 bus.name,
                 100.0 * load
             );
+        }
+    }
+    if let Some(budget) = Budget::of(config) {
+        out += &format!("\n{}", budget.summary());
+        if budget.over() {
+            warnings += 1;
+            out += &format!("  warning: {}\n", budget.advice());
         }
     }
     (out, warnings)

@@ -26,15 +26,6 @@ pub fn human(d: Duration) -> String {
     }
 }
 
-/// `1 bus`, `2 buses`, `1 point`, `3 points`.
-pub fn count(n: usize, singular: &str) -> String {
-    match (n, singular) {
-        (1, _) => format!("1 {singular}"),
-        (_, "bus") => format!("{n} buses"),
-        _ => format!("{n} {singular}s"),
-    }
-}
-
 /// Registers as hex words, `0x1234 0xABCD`.
 pub fn hex_words(regs: &[u16]) -> String {
     let mut out = String::new();

@@ -14,11 +14,10 @@ pub use model::*;
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config {}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    /// The I/O error is part of the message, not a source: `{:#}` would
+    /// print it twice.
+    #[error("cannot read config {}: {io}", path.display())]
+    Read { path: PathBuf, io: std::io::Error },
     #[error("{0}")]
     Invalid(Located),
 }
@@ -110,9 +109,9 @@ fn mask_secrets(line: &str) -> String {
 
 /// Reads and validates the config file at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = std::fs::read_to_string(path).map_err(|io| ConfigError::Read {
         path: path.to_path_buf(),
-        source,
+        io,
     })?;
     parse(path, &text)
 }

@@ -4,8 +4,10 @@
 //! and hands downlink messages to the router untouched. It never ends on
 //! its own: every failure is a reconnect with capped backoff.
 
+pub mod budget;
 pub mod profile;
 pub mod publisher;
+mod response;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -158,6 +160,7 @@ pub async fn run(
     outbox: Outbox,
     downlink: Option<mpsc::Sender<Incoming>>,
     connected_flag: Arc<AtomicBool>,
+    budget: watch::Receiver<Option<budget::Budget>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let options = mqtt_options(gateway_id, platform);
@@ -178,6 +181,9 @@ pub async fn run(
     // loop has nothing more ready (or a window's worth is waiting): one
     // message per PUBACK would wake its thread for every record of a replay.
     let mut acks = Acks::default();
+    let mut responses = response::Responses::default();
+    let mut backlog = budget::BacklogWatch::default();
+    let mut sample = tokio::time::interval(budget::SAMPLE_EVERY);
     // A read-ahead request to the outbox, answered while the event loop
     // goes on (the outbox may be busy with the disk for a moment).
     let mut reading: Option<oneshot::Receiver<Vec<(u64, crate::record::Record)>>> = None;
@@ -204,6 +210,9 @@ pub async fn run(
                     }
                 }
                 Ok(Event::Incoming(Packet::SubAck(_))) => subscriptions.suback(),
+                Ok(Event::Incoming(Packet::Publish(publish))) if profile::RESPONSE_TOPICS.contains(&publish.topic.as_str()) => {
+                    responses.handle(&publish.topic, &publish.payload);
+                }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
                     if let Some(downlink) = &downlink {
                         let message = Incoming {
@@ -261,6 +270,7 @@ pub async fn run(
                             publisher.rewind();
                         }
                     }
+                    Some(Outgoing::Skip(seqs)) => outbox.ack(seqs),
                     Some(Outgoing::Discard(seqs, why)) => {
                         log::error!(target: "platform", "dropped {} record(s) that can never be published: {why}", seqs.len());
                         outbox.discard(seqs);
@@ -269,6 +279,13 @@ pub async fn run(
                 }
             },
             () = sleep_until(acks.due.unwrap_or_else(Instant::now)), if acks.due.is_some() => acks.send(&outbox),
+            _ = sample.tick() => {
+                let held = outbox.stats().messages;
+                let connected = publisher.phase() != Phase::BackingOff;
+                if let Some(warning) = backlog.sample(Instant::now(), connected, held, publisher.published, budget.borrow().as_ref()) {
+                    log::warn!(target: "platform", "{warning}");
+                }
+            }
             // New records join the read-ahead before the next slot, so that
             // what waits together is combined.
             () = outbox.appended(), if publisher.phase() != Phase::BackingOff => publisher.appended(),

@@ -18,14 +18,14 @@
 //! receiving it [`POISON_AFTER`] times in a row, while it was larger than
 //! anything the broker ever acknowledged. Its size then becomes the limit.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use super::profile::{self, Message};
 use crate::config::Profile;
-use crate::record::Record;
+use crate::record::{Body, Record};
 
 /// At most this many publications wait for PUBACK at once.
 pub const WINDOW: usize = 32;
@@ -54,6 +54,8 @@ pub enum Outgoing {
     Publish(Message, Vec<u64>),
     /// It can never be published: remove these records, counted as dropped.
     Discard(Vec<u64>, String),
+    /// The profile has no message for these records: remove them.
+    Skip(Vec<u64>),
 }
 
 /// A publication in flight.
@@ -85,6 +87,10 @@ pub struct Publisher {
     suspect: Option<(u64, usize, u32)>,
     /// Messages this large the broker refuses (learned, see above).
     refused_size: Option<usize>,
+    /// Sub-devices whose last presence sent was online, announced again
+    /// after every (re)connect ahead of the backlog.
+    online: BTreeSet<String>,
+    announce: VecDeque<String>,
     /// Read ahead from the outbox, in send order.
     ahead: VecDeque<(u64, Record)>,
     /// The last sequence number read from the outbox.
@@ -112,6 +118,8 @@ impl Publisher {
             largest_acked: 0,
             suspect: None,
             refused_size: None,
+            online: BTreeSet::new(),
+            announce: VecDeque::new(),
             ahead: VecDeque::new(),
             read_to: None,
             drained: false,
@@ -128,6 +136,7 @@ impl Publisher {
     pub fn connected(&mut self) {
         self.backoff = RECONNECT_MIN;
         self.phase = Phase::CatchingUp;
+        self.announce = self.online.iter().cloned().collect();
     }
 
     /// The connection failed; returns how long to wait before the next
@@ -137,6 +146,7 @@ impl Publisher {
         let wait = self.backoff;
         self.backoff = (self.backoff * 2).min(RECONNECT_MAX);
         self.phase = Phase::BackingOff;
+        self.announce.clear();
         self.rewind();
         wait
     }
@@ -207,17 +217,52 @@ impl Publisher {
     /// When the next message may go: `None` while disconnected, the window
     /// is full or nothing waits.
     pub fn ready_at(&self) -> Option<Instant> {
-        (self.connected_now() && self.window_open() && !self.ahead.is_empty())
-            .then_some(self.next_slot)
+        if !(self.connected_now() && self.window_open()) {
+            return None;
+        }
+        if self.presence_next() {
+            return Some(Instant::now().min(self.next_slot));
+        }
+        (!self.ahead.is_empty()).then_some(self.next_slot)
+    }
+
+    /// Whether the next message is a sub-device's presence. Presence is not
+    /// a report: it goes out at once, outside `max_publish_rate` (one per
+    /// sub-device state change, and one per sub-device online after a
+    /// reconnect), so hundreds of sub-devices do not hold reports back for
+    /// minutes after every reconnect.
+    fn presence_next(&self) -> bool {
+        !self.announce.is_empty()
+            || self
+                .ahead
+                .front()
+                .is_some_and(|(_, r)| matches!(r.body, Body::Presence { .. }))
     }
 
     /// Takes the next message (the caller waited for [`Publisher::ready_at`]).
     pub fn take(&mut self, now: Instant) -> Option<Outgoing> {
         self.ready_at()?;
-        let n = profile::batch_len(&self.profile, self.ahead.iter().map(|(_, r)| r));
-        let n = n.clamp(1, self.ahead.len());
-        let (seqs, records): (Vec<u64>, Vec<Record>) = self.ahead.drain(..n).unzip();
-        let message = profile::message(&self.profile, &records);
+        let paced = !self.presence_next();
+        let (message, seqs) = match self.announce.pop_front() {
+            Some(key) => (profile::presence(&key, true), Vec::new()),
+            None => {
+                let n = profile::batch_len(&self.profile, self.ahead.iter().map(|(_, r)| r));
+                let n = n.clamp(1, self.ahead.len());
+                let (seqs, records): (Vec<u64>, Vec<Record>) = self.ahead.drain(..n).unzip();
+                let Some(message) = profile::message(&self.profile, &records) else {
+                    return Some(Outgoing::Skip(seqs));
+                };
+                for record in &records {
+                    if let Body::Presence { key, online } = &record.body {
+                        match online {
+                            true => self.online.insert(key.clone()),
+                            false => self.online.remove(key),
+                        };
+                    }
+                }
+                (message, seqs)
+            }
+        };
         // Fixed header, topic length, packet id: under 16 bytes.
         let size = message.topic.len() + message.payload.len() + 16;
         let limit = self.refused_size.map_or(self.max_packet, |r| {
@@ -231,7 +276,7 @@ impl Publisher {
             );
             return Some(Outgoing::Discard(seqs, why));
         }
-        if let Some(spacing) = self.spacing {
+        if let (Some(spacing), true) = (self.spacing, paced) {
             self.next_slot = now.max(self.next_slot) + spacing;
         }
         self.unassigned.push_back(seqs.clone());
@@ -294,7 +339,6 @@ impl Publisher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::Body;
     use serde_json::json;
 
     fn record(i: u64, key: Option<&str>) -> (u64, Record) {
@@ -467,5 +511,82 @@ mod tests {
         };
         assert_eq!(m.topic, "gateway/attributes");
         assert_eq!(seqs, [0, 1]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sub_devices_online_are_announced_again_after_a_reconnect() {
+        let presence = |seq, key: &str, online| {
+            (
+                seq,
+                Record::now(Body::Presence {
+                    key: key.into(),
+                    online,
+                }),
+            )
+        };
+        let mut p = Publisher::new(tc(), None, 1 << 18);
+        p.connected();
+        p.refill(vec![
+            presence(0, "a", true),
+            presence(1, "b", true),
+            presence(2, "a", false),
+        ]);
+        let mut topics = Vec::new();
+        while let Some(Outgoing::Publish(m, _)) = p.take(Instant::now()) {
+            topics.push(m.topic);
+        }
+        assert_eq!(
+            topics,
+            ["gateway/connect", "gateway/connect", "gateway/disconnect"]
+        );
+        p.disconnected();
+        p.connected();
+        let Some(Outgoing::Publish(m, seqs)) = p.take(Instant::now()) else {
+            panic!("the announcement");
+        };
+        assert_eq!(m.topic, "gateway/connect");
+        assert_eq!(m.payload, br#"{"device":"b"}"#);
+        assert!(seqs.is_empty(), "an announcement carries no outbox record");
+        assert_eq!(p.take(Instant::now()), None, "only b is online");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn presence_goes_out_at_once_outside_the_rate() {
+        let mut p = Publisher::new(tc(), Some(1.0), 1 << 18);
+        p.connected();
+        let up = |seq, key: &str| {
+            (
+                seq,
+                Record::now(Body::Presence {
+                    key: key.into(),
+                    online: true,
+                }),
+            )
+        };
+        p.refill(vec![
+            up(0, "a"),
+            record(1, Some("a")),
+            up(2, "b"),
+            record(3, Some("b")),
+        ]);
+        let start = Instant::now();
+        let mut sent = Vec::new();
+        while let Some(at) = p.ready_at() {
+            tokio::time::sleep_until(at).await;
+            let Some(Outgoing::Publish(m, _)) = p.take(Instant::now()) else {
+                panic!("a publication");
+            };
+            sent.push((Instant::now().duration_since(start).as_millis(), m.topic));
+        }
+        let sent: Vec<(u128, &str)> = sent.iter().map(|(t, m)| (*t, m.as_str())).collect();
+        assert_eq!(
+            sent,
+            [
+                (0, "gateway/connect"),
+                (0, "gateway/attributes"),
+                (0, "gateway/connect"),
+                (1000, "gateway/attributes")
+            ]
+        );
     }
 }

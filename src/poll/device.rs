@@ -14,7 +14,7 @@ use super::{backoff_interval, PollResult};
 use crate::codec::Value;
 use crate::config::{Device, Report};
 use crate::modbus::{ExceptionCode, TxError};
-use crate::record::{ms_since_epoch, Reading, Record};
+use crate::record::{ms_since_epoch, Body, Reading, Record};
 
 /// What the poller remembers about one device between polls.
 pub(super) struct DeviceState {
@@ -78,10 +78,20 @@ impl DeviceState {
         Record::event(method, params)
     }
 
+    /// A sub-device's presence for the platform (`None` for the gateway's
+    /// own devices).
+    fn presence(&self, online: bool) -> Option<Record> {
+        let key = self.device.key.clone()?;
+        Some(Record::now(Body::Presence { key, online }))
+    }
+
     /// Updates failure counters and logs transitions (never every cycle);
-    /// returns the event of a device going offline or coming back.
-    pub(super) fn record(&mut self, result: &PollResult) -> Option<Record> {
+    /// returns the events of a device going offline or coming back, and a
+    /// sub-device's presence: online at its first answer and whenever it
+    /// comes back, offline when it goes.
+    pub(super) fn record(&mut self, result: &PollResult) -> Vec<Record> {
         self.polled = true;
+        let first_answer = self.last_ok.is_none();
         if !result.unreachable() {
             self.last_ok = Some(SystemTime::now());
         }
@@ -103,14 +113,17 @@ impl DeviceState {
                 );
                 let event = self.event("device_offline", reason.as_deref());
                 self.offline = reason;
-                return Some(event);
+                return std::iter::once(event).chain(self.presence(false)).collect();
             }
-            return None;
+            return Vec::new();
         }
-        let mut event = None;
+        let mut events = Vec::new();
         if self.offline.take().is_some() {
             log::info!(target: "poll", device = name.as_str(), bus = self.device.bus.as_str(), unit = self.device.unit.get(); "device {name}: responding again after {} failed polls", self.failures);
-            event = Some(self.event("device_online", None));
+            events.push(self.event("device_online", None));
+            events.extend(self.presence(true));
+        } else if first_answer {
+            events.extend(self.presence(true));
         }
         self.failures = 0;
         for (b, reply) in result.replies.iter().enumerate() {
@@ -130,7 +143,7 @@ impl DeviceState {
                 }
             }
         }
-        event
+        events
     }
 
     /// Applies the report policy to one poll's values.

@@ -200,7 +200,7 @@ impl BusTask {
                         }
                     }
                 }
-                let event = state.record(&result);
+                let events = state.record(&result);
                 state.replan(&result);
                 let reading = state.report(values, taken, now);
                 state.schedule_next(now);
@@ -210,7 +210,7 @@ impl BusTask {
                         *slot = status;
                     }
                 });
-                for record in event.into_iter().chain(reading.map(Record::from)) {
+                for record in events.into_iter().chain(reading.map(Record::from)) {
                     self.outbox.append(record);
                 }
             }

@@ -82,8 +82,23 @@ fn thingscloud(topic: &str, payload: &[u8]) -> Result<Downlink, DownlinkError> {
     match parts.as_slice() {
         ["attributes", "push"] => Ok(Downlink::Push(vec![(Target::Own, object(payload)?)])),
         ["gateway", "attributes", "push"] => {
+            let body = object(payload)?;
+            // `{"device": "<key>", "attributes": {…}}`, as third-party
+            // gateways and firmware send it: a string under "device" is never
+            // a sub-device's attributes, which are an object.
+            if let Some(Value::String(key)) = body.get("device") {
+                let (Some(Value::Object(values)), 2) = (body.get("attributes"), body.len()) else {
+                    return Err(DownlinkError::Shape(
+                        "{\"device\": \"<key>\", \"attributes\": {…}} and nothing else",
+                    ));
+                };
+                return Ok(Downlink::Push(vec![(
+                    Target::Key(key.clone()),
+                    values.clone(),
+                )]));
+            }
             let mut pushes = Vec::new();
-            for (key, values) in object(payload)? {
+            for (key, values) in body {
                 let Value::Object(values) = values else {
                     return Err(DownlinkError::Shape(
                         "each sub-device key maps to an object",
@@ -227,6 +242,13 @@ mod tests {
                 map(json!({"relay": true}))
             )])
         );
+        let second_shape = parse(
+            &tc(),
+            "gateway/attributes/push",
+            br#"{"device": "m-1", "attributes": {"relay": true}}"#,
+        )
+        .unwrap();
+        assert_eq!(second_shape, sub, "both shapes ask for the same");
         let cmd = parse(
             &tc(),
             "command/send/77",
@@ -307,7 +329,16 @@ mod tests {
             br#"{"device": "k", "command": {"id": {"a": [1,2,3]}, "method": "m"}}"#
         )
         .is_err());
-        let bad: [(&str, &[u8]); 9] = [
+        let bad: [(&str, &[u8]); 12] = [
+            (
+                "gateway/attributes/push",
+                br#"{"device": "k", "attributes": 1}"#,
+            ),
+            ("gateway/attributes/push", br#"{"device": "k"}"#),
+            (
+                "gateway/attributes/push",
+                br#"{"device": "k", "attributes": {}, "m-2": {"relay": true}}"#,
+            ),
             ("attributes/push", b"{"),
             ("attributes/push", b"[1,2]"),
             ("attributes/push", b"\xff\xfe"),
