@@ -23,6 +23,7 @@ use sd_notify::NotifyState;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use crate::bus::dialin::Listener;
 use crate::bus::Bus;
 use crate::config::{self, Config, Platform};
 use crate::outbox::Outbox;
@@ -43,29 +44,46 @@ const STATUS_EVERY: Duration = Duration::from_secs(5);
 struct Field {
     stop: watch::Sender<Option<StopReason>>,
     tasks: Vec<JoinHandle<()>>,
+    /// One per `listen` address of dial-in buses.
+    listeners: Vec<JoinHandle<()>>,
     buses: Vec<(String, BusHandle)>,
 }
 
 impl Field {
-    /// Starts an owner on each bus that has devices or a stream.
+    /// Starts an owner on each bus that has devices or a stream, and a
+    /// listener on each address dial-in buses share.
     fn start(config: &Config, outbox: &Outbox) -> Self {
         let (stop, stopped) = watch::channel(None);
         let mut tasks = Vec::new();
         let mut buses = Vec::new();
-        for bus_config in &config.buses {
+        let used: Vec<&config::Bus> = config
+            .buses
+            .iter()
+            .filter(|b| {
+                config.devices_on(&b.name).next().is_some()
+                    || config.streams.iter().any(|s| s.bus == b.name)
+            })
+            .collect();
+        let (mut incoming, listeners) = dial_in_listeners(&used);
+        for bus_config in used {
             let devices: Vec<_> = config.devices_on(&bus_config.name).cloned().collect();
-            let streamed = config.streams.iter().any(|s| s.bus == bus_config.name);
-            if devices.is_empty() && !streamed {
-                continue;
-            }
-            let mut bus = Bus::new(bus_config.clone());
-            // A missing adapter is not fatal: the bus keeps trying to reopen it.
-            let _ = bus.ensure_open();
+            let mut bus = match bus_config.transport {
+                config::Transport::DialIn { .. } => {
+                    Bus::dial_in(bus_config.clone(), incoming.remove(&bus_config.name))
+                }
+                _ => Bus::new(bus_config.clone()),
+            };
+            bus.open_now();
             let (task, handle) = BusTask::new(bus, devices, outbox.clone());
             buses.push((bus_config.name.clone(), handle));
             tasks.push(tokio::spawn(task.run(stopped.clone())));
         }
-        Self { stop, tasks, buses }
+        Self {
+            stop,
+            tasks,
+            listeners,
+            buses,
+        }
     }
 
     fn jobs(&self) -> HashMap<String, mpsc::Sender<Job>> {
@@ -79,6 +97,9 @@ impl Field {
     /// progress finish, queued jobs are answered with `reason`.
     async fn stop(self, reason: StopReason) {
         self.stop.send_replace(Some(reason));
+        for listener in self.listeners {
+            listener.abort();
+        }
         for task in self.tasks {
             let _ = task.await;
         }
@@ -106,6 +127,30 @@ impl Field {
         }
         counts
     }
+}
+
+/// One listener per `listen` address among `buses`, and each dial-in bus's
+/// end of its handover channel, by bus name.
+fn dial_in_listeners(
+    buses: &[&config::Bus],
+) -> (
+    HashMap<String, mpsc::Receiver<tokio::net::TcpStream>>,
+    Vec<JoinHandle<()>>,
+) {
+    let mut by_listen: HashMap<std::net::SocketAddr, Vec<&config::Bus>> = HashMap::new();
+    for bus in buses {
+        if let config::Transport::DialIn { listen, .. } = bus.transport {
+            by_listen.entry(listen).or_default().push(bus);
+        }
+    }
+    let mut incoming = HashMap::new();
+    let mut tasks = Vec::new();
+    for group in by_listen.into_values() {
+        let (receivers, listener) = Listener::for_buses(group);
+        incoming.extend(receivers);
+        tasks.push(tokio::spawn(listener.run()));
+    }
+    (incoming, tasks)
 }
 
 /// The MQTT connection task and its own stop switch.

@@ -1,5 +1,7 @@
-//! The simulator: Modbus RTU slaves (tokio-modbus server) on a
-//! pseudo-terminal, so a config can be tried without hardware. Values change
+//! The simulator: Modbus slaves (tokio-modbus servers) on a
+//! pseudo-terminal, on loopback TCP (Modbus TCP, or RTU over TCP as a
+//! serial server speaks it), or dialling in as a DTU, so a config can be
+//! tried without hardware. Values change
 //! over time; writes stick. Tests use the same slaves with fault knobs:
 //! silence a unit, answer late, raise an exception for a range, and a log
 //! of the requests received (bounded; off for `simulate` and `demo`).
@@ -298,6 +300,139 @@ impl Slaves {
             _slave: slave,
             task,
         })
+    }
+}
+
+/// How a simulated TCP server frames Modbus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpFraming {
+    /// Modbus TCP (MBAP).
+    Mbap,
+    /// RTU frames over TCP (a transparent serial server).
+    Rtu,
+}
+
+/// A running simulator on a loopback TCP port. Dropping it stops serving.
+pub struct Served {
+    pub addr: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Slaves {
+    /// Serves these slaves on `addr` (port 0: any free loopback port).
+    pub async fn serve_tcp(&self, framing: TcpFraming, addr: &str) -> io::Result<Served> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let slaves = self.clone();
+        let task = tokio::spawn(async move {
+            let on_error = |e: io::Error| log::debug!(target: "sim", "simulator connection: {e}");
+            let result = match framing {
+                TcpFraming::Mbap => {
+                    let server = tokio_modbus::server::tcp::Server::new(listener);
+                    let connected = |stream, peer| {
+                        let slaves = slaves.clone();
+                        async move {
+                            tokio_modbus::server::tcp::accept_tcp_connection(stream, peer, |_| {
+                                Ok(Some(Service(slaves.clone())))
+                            })
+                        }
+                    };
+                    server.serve(&connected, on_error).await
+                }
+                TcpFraming::Rtu => {
+                    let server = tokio_modbus::server::rtu_over_tcp::Server::new(listener);
+                    let connected = |stream, peer| {
+                        let slaves = slaves.clone();
+                        async move {
+                            tokio_modbus::server::rtu_over_tcp::accept_tcp_connection(
+                                stream,
+                                peer,
+                                |_| Ok(Some(Service(slaves.clone()))),
+                            )
+                        }
+                    };
+                    server.serve(&connected, on_error).await
+                }
+            };
+            if let Err(e) = result {
+                log::debug!(target: "sim", "simulator stopped: {e}");
+            }
+        });
+        Ok(Served { addr, task })
+    }
+
+    /// A DTU: dials in to `gateway`, sends `registration`, then carries RTU
+    /// frames between the gateway and these slaves, sending `heartbeat`
+    /// every `every`. Reconnects a second after the connection ends.
+    pub async fn dial_in(
+        &self,
+        gateway: std::net::SocketAddr,
+        registration: Option<Vec<u8>>,
+        heartbeat: Option<(Vec<u8>, Duration)>,
+    ) -> io::Result<Served> {
+        use tokio::io::AsyncWriteExt;
+        let local = self.serve_tcp(TcpFraming::Rtu, "127.0.0.1:0").await?;
+        let task = tokio::spawn(async move {
+            let local = local;
+            loop {
+                if let (Ok(mut up), Ok(mut down)) = (
+                    tokio::net::TcpStream::connect(gateway).await,
+                    tokio::net::TcpStream::connect(local.addr).await,
+                ) {
+                    let registered = match &registration {
+                        Some(r) => up.write_all(r).await.is_ok(),
+                        None => true,
+                    };
+                    if registered {
+                        carry(&mut up, &mut down, heartbeat.as_ref()).await;
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        Ok(Served {
+            addr: gateway,
+            task,
+        })
+    }
+}
+
+/// Relays bytes both ways until either side closes, with heartbeats
+/// toward `up` between frames.
+async fn carry(
+    up: &mut tokio::net::TcpStream,
+    down: &mut tokio::net::TcpStream,
+    heartbeat: Option<&(Vec<u8>, Duration)>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut up_rx, mut up_tx) = up.split();
+    let (mut down_rx, mut down_tx) = down.split();
+    let every = heartbeat.map_or(Duration::from_secs(3600), |(_, every)| *every);
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    let (mut a, mut b) = ([0u8; 512], [0u8; 512]);
+    loop {
+        tokio::select! {
+            n = up_rx.read(&mut a) => match n {
+                Ok(n) if n > 0 => if down_tx.write_all(&a[..n]).await.is_err() { return },
+                _ => return,
+            },
+            n = down_rx.read(&mut b) => match n {
+                Ok(n) if n > 0 => if up_tx.write_all(&b[..n]).await.is_err() { return },
+                _ => return,
+            },
+            _ = tick.tick(), if heartbeat.is_some() => {
+                if let Some((packet, _)) = heartbeat {
+                    if up_tx.write_all(packet).await.is_err() { return }
+                }
+            }
+        }
     }
 }
 

@@ -407,3 +407,108 @@ fn buffer_reads_the_outbox_when_no_daemon_holds_it() {
     assert!(stdout.contains("of 67108864"), "{stdout}");
     assert!(stdout.contains("dropped so far: 0"), "{stdout}");
 }
+
+/// SPEC §3's transport keys: each broken rule is an error at the line of
+/// the key that breaks it (the bus's own line when a key is missing).
+#[test]
+fn tcp_transport_rules_name_the_line_and_column() {
+    let cases: [(&str, &str, &str); 12] = [
+        (
+            "transport = \"tcp\"\n>port = \"/dev/ttyUSB0\"",
+            "",
+            "a TCP bus has address",
+        ),
+        (
+            "transport = \"tcp\"\n>address = \"192.168.1.50\"",
+            "",
+            "address must be host:port",
+        ),
+        (
+            "transport = \"tcp\"\n>listen = \"0.0.0.0:9000\"",
+            "",
+            "listen is for dial-in DTUs",
+        ),
+        (
+            "transport = \"rtu_over_tcp\"\naddress = \"10.0.0.2:8899\"\n>registration = \"A\"",
+            "",
+            "registration belongs with listen",
+        ),
+        (
+            "transport = \"rtu_over_tcp\"\naddress = \"10.0.0.2:8899\"\n>listen = \"0.0.0.0:9000\"",
+            "",
+            "not both",
+        ),
+        (
+            "transport = \"rtu_over_tcp\"\n>listen = \"0.0.0.0\"",
+            "",
+            "listen must be ip:port",
+        ),
+        (
+            "transport = \"tcp\"\naddress = \"10.0.0.2:502\"\n>baud = 9600",
+            "",
+            "baud is a serial line setting",
+        ),
+        (
+            "transport = \"rtu_over_tcp\"\nlisten = \"0.0.0.0:9000\"\n>heartbeat = \"hex:0G\"",
+            "",
+            "not hex digits",
+        ),
+        (">transport = \"udp\"", "", "unknown variant `udp`"),
+        (
+            "transport = \"rtu_over_tcp\"\n>address = \"10.0.0.2:8899\"",
+            "transport = \"rtu_over_tcp\"\n>address = \"10.0.0.2:8899\"",
+            "cannot share one connection",
+        ),
+        (
+            "transport = \"rtu_over_tcp\"\nlisten = \"0.0.0.0:9000\"\nregistration = \"A\"",
+            "transport = \"rtu_over_tcp\"\nlisten = \"0.0.0.0:9000\"",
+            "need a registration each",
+        ),
+        ("transport = \"tcp\"", "", "a TCP bus needs address"),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    for (i, (first, second, message)) in cases.into_iter().enumerate() {
+        let mut text = String::from("[gateway]\nid = \"gw\"\n");
+        let mut marked = None;
+        for (n, body) in [first, second].iter().enumerate() {
+            if n == 1 && body.is_empty() {
+                continue;
+            }
+            text += &format!("\n[[bus]]\nname = \"b{n}\"\n");
+            if !body.contains('>') {
+                // A missing key: the error is at the bus's `[[bus]]` line.
+                marked = Some(text.lines().count() - 1);
+            }
+            for line in body.lines() {
+                if let Some(key) = line.strip_prefix('>') {
+                    if marked.is_none() || n == 1 {
+                        marked = Some(text.lines().count() + 1);
+                    }
+                    text += &format!("{key}\n");
+                } else {
+                    text += &format!("{line}\n");
+                }
+            }
+        }
+        let path = dir.path().join(format!("case{i}.toml"));
+        std::fs::write(&path, &text).unwrap();
+        let out = fieldgate()
+            .arg("--config")
+            .arg(&path)
+            .arg("check")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "case {i}: {stderr}");
+        assert!(
+            stderr.contains(message),
+            "case {i}: {message:?} in {stderr}\n{text}"
+        );
+        let place = format!("{}:{}:", path.display(), marked.unwrap_or(0));
+        let at = stderr.find(&place).map(|p| &stderr[p + place.len()..]);
+        assert!(
+            at.is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit())),
+            "case {i}: expected {place}<column> in {stderr}\n{text}"
+        );
+    }
+}

@@ -41,9 +41,9 @@ impl Gap {
         Self { timer }
     }
 
-    /// Tokio's timer only: for tests on tokio's paused clock, which a
-    /// timerfd does not follow.
-    #[cfg(test)]
+    /// Tokio's timer only: for links whose far end keeps its own line
+    /// timing (TCP), and for tests on tokio's paused clock, which a timerfd
+    /// does not follow.
     pub(crate) fn coarse() -> Self {
         Self { timer: None }
     }

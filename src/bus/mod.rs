@@ -12,8 +12,10 @@
 //! capped backoff; until then transactions fail fast instead of blocking.
 //! A `transparent` bus carries raw bytes instead ([`Bus::exchange`]).
 
+pub(crate) mod dialin;
 mod gap;
 mod serial;
+mod tcp;
 
 #[cfg(feature = "sim")]
 pub(crate) use gap::Gap;
@@ -24,9 +26,12 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tokio::time::{timeout, timeout_at, Instant};
 
-use crate::config::{self, BusMode, UnitId};
+use crate::config::{self, BusMode, Transport, UnitId};
+use crate::modbus::mbap;
 use crate::modbus::rtu::{self, Scan};
 use crate::modbus::{Reply, Request, TxError};
 use crate::text::to_hex;
@@ -46,11 +51,15 @@ pub const RAW_REPLY_MAX: usize = 4096;
 
 /// After a timeout, how long the line must stay untouched before the next
 /// request, so that a slow slave's late reply lands (and is discarded)
-/// before we transmit again instead of during the next transaction.
+/// before we transmit again instead of during the next transaction. Behind
+/// a serial server or DTU the reply also crosses the network (two hops), so
+/// it waits the whole timeout there.
 fn settle_time(bus: &config::Bus, timeout: Duration) -> Duration {
-    (timeout / 2)
-        .min(Duration::from_millis(250))
-        .max(bus.frame_gap())
+    match bus.transport {
+        Transport::Serial => (timeout / 2).min(Duration::from_millis(250)),
+        _ => timeout.min(Duration::from_secs(1)),
+    }
+    .max(bus.frame_gap())
 }
 
 /// A bus owner's promise to check in again by a deadline. The watchdog
@@ -98,9 +107,22 @@ impl Default for Liveness {
 /// How the bus gets its transport.
 enum Connector {
     Serial,
+    /// We connect to `host:port` (Modbus TCP, or a serial server).
+    Tcp(String),
+    /// A DTU connects to us: connections arrive from the listener, the
+    /// newest replacing the one before.
+    DialIn(mpsc::Receiver<TcpStream>),
     /// A stream handed in; once it fails there is no other.
     #[cfg(test)]
     Given(Option<Box<dyn Stream>>),
+}
+
+/// How requests and replies are framed on the link.
+enum Framing {
+    /// Unit, PDU, CRC (serial lines, serial servers, DTUs).
+    Rtu,
+    /// MBAP header, PDU; the transaction id of the last request.
+    Mbap { tid: u16 },
 }
 
 /// What one attempt gave: the outcome and, when a well-formed reply frame
@@ -114,6 +136,10 @@ pub struct Attempt {
 pub struct Bus {
     config: config::Bus,
     connector: Connector,
+    framing: Framing,
+    /// Packets the peer sends that are not frames (a DTU's registration
+    /// and heartbeat): removed from the input before it is scanned.
+    not_frames: Vec<Vec<u8>>,
     link: Option<Box<dyn Stream>>,
     /// Earliest time the next transaction may start (inter-frame gap, `delay`,
     /// settle time after a timeout).
@@ -129,9 +155,29 @@ pub struct Bus {
 }
 
 impl Bus {
-    /// A bus whose port is opened on the first transaction.
+    /// A bus whose transport is opened on the first transaction. A dial-in
+    /// bus listens on its own (the daemon shares listeners between buses
+    /// with [`Bus::dial_in`]).
     pub fn new(config: config::Bus) -> Self {
-        Self::with(config, Connector::Serial)
+        let connector = match &config.transport {
+            Transport::Serial => Connector::Serial,
+            Transport::Tcp { address } | Transport::RtuOverTcp { address, .. } => {
+                Connector::Tcp(address.clone())
+            }
+            Transport::DialIn { .. } => {
+                let (incoming, listener) = dialin::Listener::for_buses([&config]);
+                tokio::spawn(listener.run());
+                return Self::dial_in(config, incoming.into_iter().next().map(|(_, rx)| rx));
+            }
+        };
+        Self::with(config, connector)
+    }
+
+    /// A dial-in bus taking the connections a [`dialin::Listener`] accepts
+    /// for it.
+    pub fn dial_in(config: config::Bus, incoming: Option<mpsc::Receiver<TcpStream>>) -> Self {
+        let incoming = incoming.unwrap_or_else(|| mpsc::channel(1).1);
+        Self::with(config, Connector::DialIn(incoming))
     }
 
     /// A bus over `stream` instead of its configured port.
@@ -144,12 +190,23 @@ impl Bus {
         let now = Instant::now();
         let gap = match connector {
             Connector::Serial => gap::Gap::new(),
-            #[cfg(test)]
-            Connector::Given(_) => gap::Gap::coarse(),
+            // Whatever is behind a TCP link keeps its own line timing.
+            _ => gap::Gap::coarse(),
+        };
+        let framing = match config.transport {
+            Transport::Tcp { .. } => Framing::Mbap { tid: 0 },
+            _ => Framing::Rtu,
         };
         Self {
+            not_frames: config
+                .transport
+                .not_frames()
+                .into_iter()
+                .map(<[u8]>::to_vec)
+                .collect(),
             config,
             connector,
+            framing,
             link: None,
             quiet_until: now,
             reopen_at: now,
@@ -175,36 +232,97 @@ impl Bus {
         self.link.is_some()
     }
 
-    /// Opens the port if it is closed and its backoff has passed. Errors are
-    /// logged once per outage, with the reason.
-    pub fn ensure_open(&mut self) -> Result<(), TxError> {
+    /// Opens a serial port now, so that the daemon reports ready with its
+    /// ports open; TCP links connect on their first transaction. A missing
+    /// adapter is not fatal: the bus keeps trying to reopen it.
+    pub fn open_now(&mut self) {
+        if matches!(self.connector, Connector::Serial) && self.link.is_none() {
+            let opened = serial::open(&self.config).map(|s| Box::new(s) as Box<dyn Stream>);
+            let _ = self.opened(opened);
+        }
+    }
+
+    /// A DTU that connected again replaces its old connection.
+    fn take_replacement(&mut self) {
+        let Connector::DialIn(incoming) = &mut self.connector else {
+            return;
+        };
+        let mut newest = None;
+        while let Ok(stream) = incoming.try_recv() {
+            newest = Some(stream);
+        }
+        if let Some(stream) = newest {
+            if self.link.is_some() {
+                log::info!(target: "bus", bus = self.config.name.as_str(); "bus {}: the DTU connected again; the new connection replaces the old", self.config.name);
+            }
+            self.link = Some(Box::new(stream));
+            self.reopen_delay = REOPEN_MIN;
+            if self.down.take().is_some() {
+                log::info!(target: "bus", bus = self.config.name.as_str(); "bus {}: the DTU is connected ({})", self.config.name, self.config.port);
+            }
+        }
+    }
+
+    /// Opens (connects) the transport if it is closed and its backoff has
+    /// passed. Errors are logged once per outage, with the reason.
+    pub async fn ensure_open(&mut self) -> Result<(), TxError> {
+        self.take_replacement();
         if self.link.is_some() {
             return Ok(());
         }
-        if Instant::now() < self.reopen_at {
-            return Err(TxError::Port(self.down.clone().unwrap_or_default()));
-        }
         let opened: io::Result<Box<dyn Stream>> = match &mut self.connector {
+            // A DTU is waited for, not dialled: nothing to back off from.
+            Connector::DialIn(_) => Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "no DTU is connected",
+            )),
+            _ if Instant::now() < self.reopen_at => {
+                return Err(TxError::Port(self.down.clone().unwrap_or_default()))
+            }
             Connector::Serial => serial::open(&self.config).map(|s| Box::new(s) as Box<dyn Stream>),
+            Connector::Tcp(address) => {
+                let limit = self.config.timeout.max(Duration::from_secs(1));
+                self.alive.promise(limit);
+                tcp::connect(address, limit)
+                    .await
+                    .map(|s| Box::new(s) as Box<dyn Stream>)
+            }
             #[cfg(test)]
             Connector::Given(stream) => stream
                 .take()
                 .ok_or_else(|| io::Error::other("the stream has closed")),
         };
+        self.opened(opened)
+    }
+
+    /// Takes the outcome of opening the transport.
+    fn opened(&mut self, opened: io::Result<Box<dyn Stream>>) -> Result<(), TxError> {
         let name = &self.config.name;
+        let verb = match self.connector {
+            Connector::Serial => "open",
+            Connector::Tcp(_) => "connect to",
+            _ => "reach",
+        };
         match opened {
             Ok(stream) => {
                 if self.down.take().is_some() {
-                    log::info!(target: "bus", bus = name.as_str(); "bus {name}: port {} is back", self.config.port);
+                    log::info!(target: "bus", bus = name.as_str(); "bus {name}: {} is back", self.config.port);
                 }
                 self.link = Some(stream);
                 self.reopen_delay = REOPEN_MIN;
                 Ok(())
             }
             Err(e) => {
-                let reason = format!("cannot open {}: {e}", self.config.port);
+                let dial_in = matches!(self.connector, Connector::DialIn(_));
+                let reason = if dial_in {
+                    format!("no DTU has dialled in ({})", self.config.port)
+                } else {
+                    format!("cannot {verb} {}: {e}", self.config.port)
+                };
                 // Logged when the outage starts, not at every reopen attempt.
-                if self.down.is_none() {
+                if self.down.is_none() && dial_in {
+                    log::warn!(target: "bus", bus = name.as_str(); "bus {name}: {reason}; its devices fail until one does");
+                } else if self.down.is_none() {
                     log::error!(target: "bus", bus = name.as_str(); "bus {name}: {reason}; retrying with backoff up to {}s", REOPEN_MAX.as_secs());
                 } else {
                     log::debug!(target: "bus", "bus {name}: {reason}");
@@ -212,6 +330,14 @@ impl Bus {
                 self.port_lost(reason.clone());
                 Err(TxError::Port(reason))
             }
+        }
+    }
+
+    /// The silent interval between frames: none on Modbus TCP.
+    fn frame_gap(&self) -> Duration {
+        match self.framing {
+            Framing::Mbap { .. } => Duration::ZERO,
+            Framing::Rtu => self.config.frame_gap(),
         }
     }
 
@@ -277,25 +403,38 @@ impl Bus {
                 "not a Modbus RTU bus (mode = \"transparent\")".into(),
             ));
         }
-        if let Err(e) = self.ensure_open() {
+        if let Err(e) = self.ensure_open().await {
             return failed(e);
         }
         self.promise(limit);
         self.gap.until(self.quiet_until).await;
-        let frame = rtu::adu(unit.get(), &request.pdu());
+        let frame = match &mut self.framing {
+            Framing::Rtu => rtu::adu(unit.get(), &request.pdu()),
+            Framing::Mbap { tid } => {
+                *tid = tid.wrapping_add(1);
+                mbap::adu(*tid, unit.get(), &request.pdu())
+            }
+        };
         if let Err(e) = self.send(&frame, limit).await {
             return failed(self.transport_failed(&e));
         }
         let deadline = Instant::now() + limit;
-        let result = self.read_reply(unit, request, deadline).await;
-        self.quiet_until = Instant::now() + self.config.frame_gap() + self.config.delay;
+        let result = match self.framing {
+            Framing::Rtu => self.read_reply(unit, request, deadline).await,
+            Framing::Mbap { tid } => self.read_mbap_reply(tid, unit, deadline).await,
+        };
+        self.quiet_until = Instant::now() + self.frame_gap() + self.config.delay;
         match result {
             Ok(Some(pdu)) => Attempt {
                 outcome: request.decode_reply(&pdu),
                 pdu: Some(pdu),
             },
             Ok(None) => {
-                self.quiet_until += settle_time(&self.config, limit);
+                // A late RTU reply must land before the next request; on
+                // Modbus TCP its transaction id tells it apart.
+                if matches!(self.framing, Framing::Rtu) {
+                    self.quiet_until += settle_time(&self.config, limit);
+                }
                 failed(if self.rx.is_empty() {
                     TxError::Timeout(limit)
                 } else {
@@ -364,12 +503,67 @@ impl Bus {
                 }
                 Ok(Ok(n)) => {
                     self.rx.extend_from_slice(&chunk[..n]);
+                    strip_packets(&mut self.rx, &self.not_frames);
                     // A slave streaming garbage cannot grow the buffer.
                     if self.rx.len() > 2 * rtu::MAX_FRAME {
                         let excess = self.rx.len() - rtu::MAX_FRAME;
                         self.rx.drain(..excess);
                     }
                 }
+                Ok(Err(e)) => return Err(ReadError::Io(e)),
+            }
+        }
+    }
+
+    /// Modbus TCP: reads frames until the one with transaction id `tid`
+    /// from `unit` (its PDU), or `deadline` (`None`). Replies to earlier
+    /// requests and other units' are dropped and waited past; bytes that
+    /// are no MBAP frame put the stream out of step, so the connection is
+    /// closed and made again.
+    async fn read_mbap_reply(
+        &mut self,
+        tid: u16,
+        unit: UnitId,
+        deadline: Instant,
+    ) -> Result<Option<Vec<u8>>, ReadError> {
+        self.rx.clear();
+        let link = self
+            .link
+            .as_mut()
+            .ok_or_else(|| ReadError::Io(io::ErrorKind::NotConnected.into()))?;
+        let mut chunk = [0u8; rtu::MAX_FRAME + mbap::HEADER];
+        loop {
+            match mbap::next_frame(&self.rx) {
+                mbap::Next::Frame {
+                    tid: got,
+                    unit: from,
+                    pdu,
+                    len,
+                } => {
+                    if got == tid && from == unit.get() {
+                        return Ok(self.rx.get(pdu).map(<[u8]>::to_vec));
+                    }
+                    log::debug!(target: "bus", "bus {}: dropped a reply with transaction id {got} from unit {from} (waiting for {tid} from {unit})", self.config.name);
+                    self.rx.drain(..len);
+                    continue;
+                }
+                mbap::Next::Garbage => {
+                    return Err(ReadError::Io(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("not a Modbus TCP stream ({})", self.garbage()),
+                    )))
+                }
+                mbap::Next::Partial => {}
+            }
+            match timeout_at(deadline, link.read(&mut chunk)).await {
+                Err(_) => return Ok(None),
+                Ok(Ok(0)) => {
+                    return Err(ReadError::Io(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the peer closed the connection",
+                    )))
+                }
+                Ok(Ok(n)) => self.rx.extend_from_slice(&chunk[..n]),
                 Ok(Err(e)) => return Err(ReadError::Io(e)),
             }
         }
@@ -400,12 +594,12 @@ impl Bus {
                 "not a transparent bus (mode = \"rtu\")".into(),
             ));
         }
-        self.ensure_open()?;
+        self.ensure_open().await?;
         let limit = self.config.timeout;
         self.promise(limit);
         self.gap.until(self.quiet_until).await;
         // The OS timer cannot resolve less than a millisecond.
-        let idle = self.config.frame_gap().max(Duration::from_millis(1));
+        let idle = self.frame_gap().max(Duration::from_millis(1));
         if let Err(e) = self.send(bytes, limit).await {
             return Err(self.transport_failed(&e));
         }
@@ -426,7 +620,7 @@ impl Bus {
             }
             wait = idle;
         };
-        self.quiet_until = Instant::now() + self.config.frame_gap() + self.config.delay;
+        self.quiet_until = Instant::now() + self.frame_gap() + self.config.delay;
         if let Err(e) = outcome {
             return Err(self.transport_failed(&e));
         }
@@ -441,6 +635,14 @@ impl Bus {
 enum ReadError {
     Crc,
     Io(io::Error),
+}
+
+/// Removes `packets` (registration, heartbeat) from the front of `rx`, as
+/// often as they appear there: they come between frames, never inside one.
+fn strip_packets(rx: &mut Vec<u8>, packets: &[Vec<u8>]) {
+    while let Some(p) = packets.iter().find(|p| !p.is_empty() && rx.starts_with(p)) {
+        rx.drain(..p.len());
+    }
 }
 
 #[cfg(test)]
@@ -551,6 +753,7 @@ pub(crate) mod fake {
 
     pub(crate) fn bus_config() -> config::Bus {
         config::Bus {
+            transport: config::Transport::Serial,
             name: "line".into(),
             port: "(memory)".into(),
             baud: 115_200,

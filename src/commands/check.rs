@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::commands::human;
-use crate::config::{Bus, BusMode, Config, Parity};
+use crate::config::{Bus, BusMode, Config, Parity, Transport};
 use crate::platform::budget::Budget;
 use crate::poll::plan::{self, TURNAROUND};
 use crate::text::count;
@@ -35,11 +35,22 @@ pub fn report(config: &Config, source: &str) -> (String, usize) {
         out += "note: no [platform] section: `read`, `scan` and `simulate` work, `run` does not\n";
     }
     for bus in &config.buses {
+        let place = match &bus.transport {
+            Transport::Serial => format!("on {} at {}", bus.port, line_settings(bus)),
+            Transport::Tcp { address } => format!("Modbus TCP to {address}"),
+            Transport::RtuOverTcp { address, .. } => format!(
+                "RTU over TCP to {address}, serial side at {}",
+                line_settings(bus)
+            ),
+            Transport::DialIn { .. } => format!(
+                "RTU over TCP from a DTU ({}), serial side at {}",
+                bus.port,
+                line_settings(bus)
+            ),
+        };
         out += &format!(
-            "\nbus {} on {} at {}, timeout {}, retries {}{}\n",
+            "\nbus {} {place}, timeout {}, retries {}{}\n",
             bus.name,
-            bus.port,
-            line_settings(bus),
             human(bus.timeout),
             bus.retries,
             if bus.mode == BusMode::Transparent {
@@ -48,23 +59,31 @@ pub fn report(config: &Config, source: &str) -> (String, usize) {
                 ""
             }
         );
+        let timed = bus.transport.has_wire_time();
         let mut cycle_all = Duration::ZERO;
         // Bus time needed per second of wall time (1.0 = the bus is full).
         let mut load = 0.0;
         for device in config.devices_on(&bus.name) {
             let blocks = plan::plan(&device.points, bus);
             let cycle = plan::cycle_time(bus, &blocks);
-            cycle_all += cycle;
-            load += cycle.as_secs_f64() / device.poll.as_secs_f64();
+            let cost = if timed {
+                cycle_all += cycle;
+                load += cycle.as_secs_f64() / device.poll.as_secs_f64();
+                format!(
+                    ", {} per cycle = {:.1}% of its interval",
+                    human(cycle),
+                    100.0 * cycle.as_secs_f64() / device.poll.as_secs_f64()
+                )
+            } else {
+                String::new()
+            };
             out += &format!(
-                "  device {} (unit {}, every {}): {} in {}, {} per cycle = {:.1}% of its interval\n",
+                "  device {} (unit {}, every {}): {} in {}{cost}\n",
                 device.name,
                 device.unit,
                 human(device.poll),
                 count(device.points.len(), "point"),
                 count(blocks.len(), "request"),
-                human(cycle),
-                100.0 * cycle.as_secs_f64() / device.poll.as_secs_f64()
             );
             for block in &blocks {
                 let names: Vec<&str> = block
@@ -87,7 +106,7 @@ pub fn report(config: &Config, source: &str) -> (String, usize) {
                     names.join(", ")
                 );
             }
-            if cycle > device.poll {
+            if timed && cycle > device.poll {
                 warnings += 1;
                 out += &format!(
                     "  warning: one poll of {} takes {}, longer than its interval {}\n",
@@ -96,6 +115,9 @@ pub fn report(config: &Config, source: &str) -> (String, usize) {
                     human(device.poll)
                 );
             }
+        }
+        if !timed {
+            out += "  no fixed wire time on Modbus TCP: the network and the device set the pace (each transaction waits for its reply, up to the timeout)\n";
         }
         if cycle_all > Duration::ZERO {
             out += &format!(

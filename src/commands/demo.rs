@@ -25,10 +25,10 @@ pub async fn run() -> anyhow::Result<()> {
         .tempdir()
         .context("creating the demo's data directory")?;
     config.gateway.data_dir = data_dir.path().to_path_buf();
-    let lines = simulate::start(&config, true)?;
-    for (bus_name, pty, _) in &lines {
-        if let Some(bus) = config.buses.iter_mut().find(|b| &b.name == bus_name) {
-            bus.port = pty.path.display().to_string();
+    let lines = simulate::start(&config, true).await?;
+    for line in &lines {
+        if let Some(bus) = config.buses.iter_mut().find(|b| b.name == line.bus) {
+            line.apply(bus);
         }
     }
     let port = broker::free_port()?;
@@ -41,8 +41,8 @@ pub async fn run() -> anyhow::Result<()> {
     platform.port = listen.port();
 
     println!("fieldgate demo: simulated slaves + embedded MQTT broker on {listen} + the daemon");
-    for (bus, pty, _) in &lines {
-        println!("  bus {bus} simulated on {}", pty.path.display());
+    for line in &lines {
+        println!("  bus {} simulated on {}", line.bus, line.describe());
     }
     println!("  what the platform receives (Ctrl-C stops):");
 

@@ -38,7 +38,7 @@ pub async fn run(config: &Config, bus_name: &str, units: RangeInclusive<u8>) -> 
         .into());
     };
     let mut bus = Bus::new(bus_config.clone());
-    bus.ensure_open().map_err(anyhow::Error::from)?;
+    bus.ensure_open().await.map_err(anyhow::Error::from)?;
     let count = units.clone().count();
     println!(
         "scanning units {}-{} on {} ({}), up to {} each",

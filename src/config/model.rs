@@ -157,9 +157,67 @@ pub enum BusMode {
     Transparent,
 }
 
+/// How a bus reaches its slaves (SPEC §9).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Transport {
+    /// The serial device in [`Bus::port`].
+    Serial,
+    /// Modbus TCP (MBAP header) to `host:port`.
+    Tcp { address: String },
+    /// RTU frames over a TCP stream to a serial server.
+    RtuOverTcp {
+        address: String,
+        heartbeat: Option<Vec<u8>>,
+    },
+    /// RTU frames over a connection a DTU makes to us.
+    DialIn {
+        listen: std::net::SocketAddr,
+        registration: Option<Vec<u8>>,
+        heartbeat: Option<Vec<u8>>,
+    },
+}
+
+impl Transport {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Transport::Serial => "serial",
+            Transport::Tcp { .. } => "tcp",
+            Transport::RtuOverTcp { .. } | Transport::DialIn { .. } => "rtu_over_tcp",
+        }
+    }
+
+    /// Whether the bus carries RTU frames whose wire time `baud` gives
+    /// (serial, or a serial line behind a converter).
+    pub fn has_wire_time(&self) -> bool {
+        !matches!(self, Transport::Tcp { .. })
+    }
+
+    /// Packets a DTU or serial server sends that are not frames.
+    pub fn not_frames(&self) -> Vec<&[u8]> {
+        match self {
+            Transport::RtuOverTcp { heartbeat, .. } => {
+                heartbeat.iter().map(Vec::as_slice).collect()
+            }
+            Transport::DialIn {
+                registration,
+                heartbeat,
+                ..
+            } => registration
+                .iter()
+                .chain(heartbeat.iter())
+                .map(Vec::as_slice)
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Bus {
     pub name: String,
+    pub transport: Transport,
+    /// Where the bytes go, for people: the serial device, `host:port`, or
+    /// `listen ip:port`.
     pub port: String,
     pub baud: u32,
     pub parity: Parity,

@@ -2,6 +2,7 @@
 //! validated model. Every rule of SPEC §3 is enforced here, once.
 
 use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -117,7 +118,13 @@ struct RawBuffer {
 #[serde(deny_unknown_fields)]
 struct RawBus {
     name: Spanned<String>,
-    port: Spanned<String>,
+    #[serde(default)]
+    transport: RawTransport,
+    port: Option<Spanned<String>>,
+    address: Option<Spanned<String>>,
+    listen: Option<Spanned<String>>,
+    registration: Option<Spanned<String>>,
+    heartbeat: Option<Spanned<String>>,
     #[serde(default = "default_baud")]
     baud: Spanned<u32>,
     #[serde(default)]
@@ -147,6 +154,15 @@ enum RawParity {
     None,
     Even,
     Odd,
+}
+
+#[derive(Deserialize, Default, Clone, Copy, PartialEq)]
+#[serde(rename_all = "snake_case")]
+enum RawTransport {
+    #[default]
+    Serial,
+    Tcp,
+    RtuOverTcp,
 }
 
 #[derive(Deserialize, Default, Clone, Copy, PartialEq)]
@@ -379,14 +395,43 @@ impl RawConfig {
 
         let mut bus_names = Unique::new("bus");
         let mut bus_ports = Unique::new("port");
+        let mut bus_addresses = Unique::new("address");
+        // Buses on one `listen`, told apart by registration.
+        let mut listens: HashMap<SocketAddr, Vec<Option<Vec<u8>>>> = HashMap::new();
         let mut buses = Vec::new();
         for raw in self.buses {
-            bus_names.insert(&raw.get_ref().name, "")?;
-            bus_ports.insert(
-                &raw.get_ref().port,
-                ": two buses cannot share a serial port",
-            )?;
-            buses.push(convert_bus(raw.into_inner())?);
+            let span = raw.span();
+            let raw = raw.into_inner();
+            bus_names.insert(&raw.name, "")?;
+            if let Some(port) = &raw.port {
+                bus_ports.insert(port, ": two buses cannot share a serial port")?;
+            }
+            if let Some(address) = &raw.address {
+                bus_addresses.insert(
+                    address,
+                    ": two buses cannot share one connection (put both devices on one bus)",
+                )?;
+            }
+            let bus = convert_bus(raw, span.clone())?;
+            if let Transport::DialIn {
+                listen,
+                registration,
+                ..
+            } = &bus.transport
+            {
+                let shared = listens.entry(*listen).or_default();
+                if !shared.is_empty()
+                    && (registration.is_none()
+                        || shared.iter().any(|r| r.is_none() || r == registration))
+                {
+                    return violation(
+                        span,
+                        format!("bus {:?} shares listen {listen} with another bus: buses on one listen need a registration each, all different", bus.name),
+                    );
+                }
+                shared.push(registration.clone());
+            }
+            buses.push(bus);
         }
 
         let mut device_names = Unique::new("device");
@@ -572,11 +617,181 @@ fn convert_platform(raw: Spanned<RawPlatform>, gateway_id: &str) -> Result<Platf
     })
 }
 
-fn convert_bus(raw: RawBus) -> Result<Bus> {
+/// `registration`/`heartbeat` text: bytes as written, or `hex:0A0B…`.
+fn packet(text: &Spanned<String>, what: &str) -> Result<Vec<u8>> {
+    let value = text.get_ref();
+    let bytes = match value.strip_prefix("hex:") {
+        Some(hex) => {
+            let digits: String = hex.chars().filter(|c| !c.is_whitespace()).collect();
+            if digits.is_empty() || digits.len() % 2 != 0 {
+                return violation(
+                    text.span(),
+                    format!("{what} hex: needs an even number of hex digits"),
+                );
+            }
+            (0..digits.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(digits.get(i..i + 2).unwrap_or("zz"), 16))
+                .collect::<std::result::Result<Vec<u8>, _>>()
+                .or_else(|_| violation(text.span(), format!("{what}: not hex digits after hex:")))?
+        }
+        None => value.as_bytes().to_vec(),
+    };
+    if bytes.is_empty() || bytes.len() > 256 {
+        return violation(text.span(), format!("{what} must be 1..256 bytes"));
+    }
+    Ok(bytes)
+}
+
+/// `host:port` of a TCP peer, checked as far as it can be without DNS.
+fn tcp_address(address: &Spanned<String>) -> Result<String> {
+    let text = address.get_ref().trim();
+    let ok = text
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0));
+    if ok {
+        Ok(text.to_string())
+    } else {
+        violation(
+            address.span(),
+            "address must be host:port, such as \"192.168.1.50:502\"",
+        )
+    }
+}
+
+/// Where a bus's bytes go, from the transport keys (SPEC §3, §9).
+fn convert_transport(raw: &RawBus, span: Range<usize>) -> Result<(Transport, String)> {
+    let forbid = |field: &Option<Spanned<String>>, why: &str| match field {
+        Some(f) => violation(f.span(), why.to_string()),
+        None => Ok(()),
+    };
+    if raw.transport != RawTransport::RtuOverTcp {
+        forbid(
+            &raw.listen,
+            "listen is for dial-in DTUs: transport = \"rtu_over_tcp\"",
+        )?;
+        forbid(
+            &raw.heartbeat,
+            "heartbeat is for transport = \"rtu_over_tcp\"",
+        )?;
+    }
+    if raw.listen.is_none() {
+        forbid(
+            &raw.registration,
+            "registration belongs with listen (a dial-in DTU)",
+        )?;
+    }
+    match raw.transport {
+        RawTransport::Serial => {
+            forbid(
+                &raw.address,
+                "address is for transport = \"tcp\" or \"rtu_over_tcp\"; a serial bus has a port",
+            )?;
+            let Some(port) = &raw.port else {
+                return violation(span, "a serial bus needs port (such as \"/dev/ttyUSB0\"), or a transport with address");
+            };
+            Ok((Transport::Serial, port.get_ref().clone()))
+        }
+        RawTransport::Tcp | RawTransport::RtuOverTcp => {
+            forbid(
+                &raw.port,
+                "port is the serial device of a serial bus; a TCP bus has address (or listen)",
+            )?;
+            let tcp = raw.transport == RawTransport::Tcp;
+            if tcp {
+                for (field, name) in [(&raw.data_bits, "data_bits"), (&raw.stop_bits, "stop_bits")]
+                {
+                    if let Some(f) = field {
+                        return violation(
+                            f.span(),
+                            format!("{name} is a serial line setting; a tcp bus has none"),
+                        );
+                    }
+                }
+                if raw.baud.span() != (0..0) {
+                    return violation(raw.baud.span(), "baud is a serial line setting; a tcp bus has none (rtu_over_tcp uses it for wire time)");
+                }
+                if raw.mode == RawMode::Transparent {
+                    return violation(span, "mode = \"transparent\" carries raw bytes: use transport = \"rtu_over_tcp\"");
+                }
+            }
+            match (&raw.address, &raw.listen) {
+                (Some(address), None) => {
+                    let address = tcp_address(address)?;
+                    let heartbeat = raw
+                        .heartbeat
+                        .as_ref()
+                        .map(|h| packet(h, "heartbeat"))
+                        .transpose()?;
+                    Ok(if tcp {
+                        (
+                            Transport::Tcp {
+                                address: address.clone(),
+                            },
+                            address,
+                        )
+                    } else {
+                        (
+                            Transport::RtuOverTcp {
+                                address: address.clone(),
+                                heartbeat,
+                            },
+                            address,
+                        )
+                    })
+                }
+                (None, Some(listen)) => {
+                    let Ok(addr) = listen.get_ref().trim().parse::<SocketAddr>() else {
+                        return violation(
+                            listen.span(),
+                            "listen must be ip:port, such as \"0.0.0.0:9000\"",
+                        );
+                    };
+                    let registration = raw
+                        .registration
+                        .as_ref()
+                        .map(|r| packet(r, "registration"))
+                        .transpose()?;
+                    let heartbeat = raw
+                        .heartbeat
+                        .as_ref()
+                        .map(|h| packet(h, "heartbeat"))
+                        .transpose()?;
+                    let shown = match &registration {
+                        Some(r) => format!(
+                            "listen {addr}, registration {}",
+                            crate::text::quote(&String::from_utf8_lossy(r))
+                        ),
+                        None => format!("listen {addr}"),
+                    };
+                    Ok((
+                        Transport::DialIn {
+                            listen: addr,
+                            registration,
+                            heartbeat,
+                        },
+                        shown,
+                    ))
+                }
+                (Some(_), Some(listen)) => violation(
+                    listen.span(),
+                    "a bus has address (we connect) or listen (the DTU connects), not both",
+                ),
+                (None, None) => violation(
+                    span,
+                    "a TCP bus needs address (host:port), or listen for a dial-in DTU",
+                ),
+            }
+        }
+    }
+}
+
+fn convert_bus(raw: RawBus, span: Range<usize>) -> Result<Bus> {
     let name = check_name(&raw.name, "bus name")?;
     if !(300..=4_000_000).contains(raw.baud.get_ref()) {
         return violation(raw.baud.span(), "baud must be 300..4000000");
     }
+    let (transport, port) = convert_transport(&raw, span)?;
     let data_bits = match raw.data_bits {
         Some(b) if !(5..=8).contains(b.get_ref()) => {
             return violation(b.span(), "data_bits must be 5, 6, 7 or 8")
@@ -593,7 +808,9 @@ fn convert_bus(raw: RawBus) -> Result<Bus> {
     };
     let timeout = match &raw.timeout {
         Some(t) => positive(t, "timeout", MAX_TIMEOUT)?,
-        None => Duration::from_millis(500),
+        None if transport == Transport::Serial => Duration::from_millis(500),
+        // Two hops (network and the serial side behind it).
+        None => Duration::from_secs(1),
     };
     let delay = match &raw.delay {
         Some(d) if d.get_ref().0 > MAX_DELAY => {
@@ -604,7 +821,8 @@ fn convert_bus(raw: RawBus) -> Result<Bus> {
     };
     Ok(Bus {
         name,
-        port: raw.port.into_inner(),
+        transport,
+        port,
         baud: *raw.baud.get_ref(),
         parity: match raw.parity {
             RawParity::None => Parity::None,

@@ -6,6 +6,7 @@
 //! and the decoding of response PDUs come from tokio-modbus; the CRC from
 //! the `crc` crate.
 
+pub mod mbap;
 pub mod rtu;
 
 use std::fmt;

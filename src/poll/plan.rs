@@ -115,6 +115,7 @@ mod tests {
 
     fn bus(baud: u32) -> config::Bus {
         config::Bus {
+            transport: config::Transport::Serial,
             name: "b".into(),
             port: "/dev/null".into(),
             baud,
