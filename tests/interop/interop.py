@@ -24,7 +24,7 @@ import time
 
 import paho.mqtt.client as mqtt
 from pymodbus import FramerType
-from pymodbus.server import ModbusSerialServer
+from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 FIELDGATE = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else "target/debug/fieldgate")
@@ -321,6 +321,7 @@ key = "pump-001"
         check(f"{profile}: gapless fallback taken for pymodbus' unmapped gaps", "gapless" in log, log[-2000:])
         platform.stop()
     downlink(work, base, profiles["thingscloud"])
+    tcp_reach(work, profiles["thingscloud"])
     print(f"{RESULTS['passed']} passed, {RESULTS['failed']} failed")
     return 1 if RESULTS["failed"] else 0
 
@@ -392,6 +393,107 @@ encoding = "hex"
     reply = raw(frame(1, 0x03, 0, 60, 0, 5), 5 + 10)
     got = [int.from_bytes(reply[3 + 2 * i:5 + 2 * i], "big") for i in range(5)] if len(reply) == 15 else None
     check("downlink: rejected requests wrote nothing", got == want, f"{got} != {want}")
+    gateway.send_signal(signal.SIGTERM)
+    try:
+        gateway.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        gateway.kill()
+    platform.stop()
+
+
+def tcp_reach(work, platform_toml):
+    """Modbus TCP (pymodbus, socket framer) and RTU over TCP (pymodbus, RTU
+    framer on a TCP socket, as a transparent serial server carries it):
+    values, a write and raw frames through mosquitto."""
+    tcp_port, rtu_port = free_port(), free_port()
+
+    async def servers():
+        plc = ModbusTcpServer([sim_device(1, POINTS)], framer=FramerType.SOCKET, address=("127.0.0.1", tcp_port))
+        field = ModbusTcpServer([sim_device(2, PUMP)], framer=FramerType.RTU, address=("127.0.0.1", rtu_port))
+        await asyncio.gather(plc.serve_forever(), field.serve_forever())
+
+    threading.Thread(target=lambda: asyncio.run(servers()), daemon=True).start()
+    time.sleep(0.5)
+    config = f"{work}/tcp.toml"
+    with open(config, "w") as f:
+        f.write(platform_toml + f"""
+[gateway]
+id = "interop-tcp"
+data_dir = "{work}/tcp-data"
+
+[[bus]]
+name = "plc"
+transport = "tcp"
+address = "127.0.0.1:{tcp_port}"
+
+[[bus]]
+name = "field"
+transport = "rtu_over_tcp"
+address = "127.0.0.1:{rtu_port}"
+baud = 9600
+
+[[device]]
+name = "meter"
+bus = "plc"
+unit = 1
+poll = "1s"
+{toml_points(POINTS)}
+[[device]]
+name = "pump"
+bus = "field"
+unit = 2
+poll = "1s"
+key = "pump-001"
+{toml_points(PUMP)}
+[[stream]]
+name = "plcraw"
+bus = "plc"
+encoding = "hex"
+
+[[stream]]
+name = "fieldraw"
+bus = "field"
+encoding = "hex"
+""")
+    out = subprocess.run([FIELDGATE, "--config", config, "check"], capture_output=True, text=True, timeout=30)
+    check("tcp: check says a tcp bus has no fixed wire time", "no fixed wire time" in out.stdout, out.stdout)
+    check("tcp: check estimates rtu_over_tcp from its baud", "RTU over TCP to" in out.stdout and "of the bus in use" in out.stdout, out.stdout)
+    platform = Platform(int(platform_toml.split("port = ")[1].split()[0]))
+    time.sleep(0.3)
+    gateway = run_gateway(config, f"{work}/tcp.log")
+
+    def complete(payload):
+        return {p[0] for p in POINTS} <= set(json.loads(payload))
+
+    own = platform.wait("attributes", complete, timeout=20)
+    sub = platform.wait("gateway/attributes", lambda p: "pump-001" in json.loads(p))
+    check("tcp: the PLC's report over Modbus TCP arrives", own is not None)
+    check("tcp: the pump's report over RTU over TCP arrives", sub is not None)
+    if own is not None:
+        own = json.loads(own)
+        for name, area, address, ty, order, extra, data, want in POINTS:
+            check(f"tcp: {name} = {want!r}", close_enough(own.get(name), want), f"got {own.get(name)!r}")
+    if sub is not None:
+        sub = json.loads(sub)["pump-001"]
+        for name, *_, want in PUMP:
+            check(f"rtu_over_tcp: pump {name} = {want!r}", close_enough(sub.get(name), want), f"got {sub.get(name)!r}")
+    publish = lambda topic, payload: platform.client.publish(topic, payload, qos=1).wait_for_publish(5)
+    publish("attributes/push", json.dumps({"sp_f32_cdab": 33.5}))
+    back = platform.wait("attributes", lambda p: json.loads(p).get("sp_f32_cdab") == 33.5)
+    check("tcp: a write over Modbus TCP is read back", back is not None, back)
+    for stream, request, length in [("plcraw", frame(1, 0x03, 0, 60, 0, 2), 9), ("fieldraw", frame(2, 0x03, 0, 0, 0, 1), 7)]:
+        publish(f"data/{stream}/set", request.hex(" "))
+        reply = platform.wait(f"data/{stream}")
+        reply = bytes.fromhex(reply.decode()) if reply else b""
+        check(f"{stream}: raw reply in RTU form with a valid CRC",
+              len(reply) == length and crc16(reply[:-2]) == reply[-2:], reply.hex(" "))
+    want = ordered(words(">f", 33.5), "CDAB")
+    publish("data/plcraw/set", frame(1, 0x03, 0, 60, 0, 2).hex(" "))
+    time.sleep(1.0)
+    with platform.lock:
+        replies = [bytes.fromhex(p.decode()) for t, p, r in platform.messages if t == "data/plcraw"]
+    got = [int.from_bytes(replies[-1][3 + 2 * i:5 + 2 * i], "big") for i in range(2)] if replies else None
+    check("tcp: the written registers in pymodbus equal struct's encoding", got == want, f"{got} != {want}")
     gateway.send_signal(signal.SIGTERM)
     try:
         gateway.wait(timeout=10)
