@@ -2,7 +2,9 @@
 //! from the simulator with wire-time emulation, at 9600 and 115200 baud.
 //! Reports the measured time of one round of all four devices against the
 //! planner's computed bound, and requests per round against one request per
-//! point. Run: `cargo bench --bench poll_cycle` (results in BENCHMARKS.md).
+//! point; once more at 9600 over RTU-over-TCP (the simulator as a serial
+//! server on loopback, wire time emulated behind it). Run: `cargo bench
+//! --bench poll_cycle` (results in BENCHMARKS.md).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -10,7 +12,7 @@ use std::time::{Duration, Instant};
 use fieldgate::bus::Bus;
 use fieldgate::config;
 use fieldgate::poll::{plan, read_device};
-use fieldgate::sim::Slaves;
+use fieldgate::sim::{Slaves, TcpFraming};
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -26,16 +28,32 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-async fn bench(baud: u32, rounds: usize) {
+async fn bench(baud: u32, rounds: usize, over_tcp: bool) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/bench-4x50.toml");
     let mut config = config::load(&path).expect("bench config");
     config.buses[0].baud = baud;
     let bus_config = config.buses[0].clone();
     let devices = config.devices.clone();
     let slaves = Slaves::for_devices(&devices).with_wire_time(&bus_config);
-    let pty = slaves.serve().expect("pty");
     let mut line = bus_config.clone();
-    line.port = pty.path.display().to_string();
+    let (_pty, _server);
+    if over_tcp {
+        let server = slaves
+            .serve_tcp(TcpFraming::Rtu, "127.0.0.1:0")
+            .await
+            .expect("server");
+        line.transport = config::Transport::RtuOverTcp {
+            address: server.addr.to_string(),
+            heartbeat: None,
+        };
+        _server = Some(server);
+        _pty = None;
+    } else {
+        let pty = slaves.serve().expect("pty");
+        line.port = pty.path.display().to_string();
+        _pty = Some(pty);
+        _server = None;
+    }
     let mut bus = Bus::new(line);
 
     let plans: Vec<_> = devices
@@ -73,7 +91,8 @@ async fn bench(baud: u32, rounds: usize) {
     }
     let med = median(times.clone());
     println!(
-        "| {baud} | {points} | {requests} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.3} | {:.3} | {:.1} |",
+        "| {baud}{} | {points} | {requests} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.3} | {:.3} | {:.1} |",
+        if over_tcp { " (rtu_over_tcp)" } else { "" },
         points as f64, // one request per point
         ms(wire_only),
         ms(bound),
@@ -94,7 +113,8 @@ fn main() {
     println!("| baud | points | requests/round | requests if one per point | wire time (ms) | computed bound (ms) | measured median (ms) | measured p90 (ms) | median / bound | median / wire time | one-request-per-point bound (ms) |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     runtime.block_on(async {
-        bench(9600, rounds).await;
-        bench(115_200, rounds * 3).await;
+        bench(9600, rounds, false).await;
+        bench(115_200, rounds * 3, false).await;
+        bench(9600, rounds, true).await;
     });
 }

@@ -243,7 +243,8 @@ async fn three_sub_devices_at_one_message_per_second_stay_live_combined() {
         })
         .collect();
     let s = setup(3, "max_publish_rate = 1\n", &devices).await;
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    // 12 s for at least 8 messages: start-up and a loaded machine take a few.
+    tokio::time::sleep(Duration::from_secs(12)).await;
     let seen = s.platform.on("gateway/attributes");
     let combined = seen
         .iter()

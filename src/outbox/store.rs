@@ -6,9 +6,11 @@
 //!
 //! Layout, tuned for an SD card and little RAM: records are grouped into
 //! segments, one sled value per segment, keyed by its first sequence number.
-//! New records wait in an open segment in memory, which is sealed with one
-//! insert every [`FLUSH_EVERY`] (or when it reaches [`SEGMENT_BYTES`]) and
-//! flushed at once. The totals (records, bytes, next sequence number, drops)
+//! New records wait in memory; every [`FLUSH_EVERY`] those appended before
+//! the previous tick are sealed (in segments of at most [`SEGMENT_BYTES`],
+//! one insert each) and flushed at once. A record the broker acknowledges
+//! within 0.5–1 s of its append is therefore never written, and a power cut
+//! loses at most the last second. The totals (records, bytes, next sequence number, drops)
 //! are written in the same atomic batch as every segment change, so opening a
 //! store never walks it. A segment is deleted when all its records are
 //! acknowledged; after a crash a partly acknowledged segment is sent again
@@ -25,9 +27,11 @@ use crate::record::{format_ms, now_ms, Record};
 /// How often the open segment is sealed and sled flushed: a crash or power
 /// cut loses at most the records appended in this window.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(500);
-/// The open segment is sealed early when it reaches this size, which also
+/// Sealed records are stored in segments of at most this size, which
 /// bounds how much one drop of the oldest segment removes.
 pub(crate) const SEGMENT_BYTES: u64 = 64 * 1024;
+/// Records waiting in memory are sealed early past this.
+const OPEN_MAX_BYTES: u64 = 16 * SEGMENT_BYTES;
 /// Page cache for sled; the outbox is written and read sequentially.
 const CACHE_BYTES: u64 = 2 * 1024 * 1024;
 const STATUS_FILE: &str = "outbox-status.json";
@@ -177,6 +181,10 @@ struct State {
     drops_unwritten: bool,
     /// Records not sealed yet, oldest first.
     open: VecDeque<(u64, Vec<u8>)>,
+    /// The first record appended since the last timed seal: younger ones
+    /// wait for the next, so that a record the broker acknowledges within
+    /// a window or two never reaches the disk.
+    young_from: u64,
     open_bytes: u64,
     next_seq: u64,
     /// The highest sequence number handed to the publisher.
@@ -247,6 +255,7 @@ impl Store {
                 sealed,
                 drops_unwritten: false,
                 open: VecDeque::new(),
+                young_from: sealed.next_seq,
                 open_bytes: 0,
                 next_seq: sealed.next_seq,
                 handed: None,
@@ -280,8 +289,11 @@ impl Store {
         self.s.next_seq += 1;
         self.s.open_bytes += frame_len(&json);
         self.s.open.push_back((seq, json));
-        if self.s.open_bytes >= SEGMENT_BYTES {
-            self.seal();
+        // Sealed early only past a memory bound: a burst (a round of polls
+        // of many devices at once) must not push records to disk that the
+        // broker acknowledges a moment later.
+        if self.s.open_bytes >= OPEN_MAX_BYTES {
+            self.seal(u64::MAX);
         }
         self.enforce_bound();
     }
@@ -294,22 +306,45 @@ impl Store {
     /// Writes the open segment to sled with one batch. A failing disk does
     /// not stop the daemon: its records are counted as dropped and the
     /// failure logged once until storing works again.
-    fn seal(&mut self) {
+    fn seal(&mut self, before: u64) {
         let s = &mut self.s;
-        if s.open.is_empty() {
+        let keep = s.open.partition_point(|(seq, _)| *seq < before);
+        if keep == 0 {
             if s.drops_unwritten && s.failing.is_none() {
                 let _ = s.apply(sled::Batch::default(), s.sealed);
             }
             return;
         }
-        let open = std::mem::take(&mut s.open);
-        let bytes = std::mem::take(&mut s.open_bytes);
+        let young = s.open.split_off(keep);
+        let mut old = std::mem::replace(&mut s.open, young);
+        s.open_bytes = s.open.iter().map(|(_, json)| frame_len(json)).sum();
+        // One segment per SEGMENT_BYTES, so that dropping the oldest
+        // segment at the bound removes no more than that.
+        while !old.is_empty() {
+            let mut bytes = 0;
+            let n = old
+                .iter()
+                .take_while(|(_, json)| {
+                    bytes += frame_len(json);
+                    bytes <= SEGMENT_BYTES
+                })
+                .count()
+                .max(1);
+            let rest = old.split_off(n);
+            self.seal_segment(std::mem::replace(&mut old, rest));
+        }
+    }
+
+    /// Writes `records` to sled as one segment with one batch.
+    fn seal_segment(&mut self, records: VecDeque<(u64, Vec<u8>)>) {
+        let s = &mut self.s;
+        let bytes: u64 = records.iter().map(|(_, json)| frame_len(json)).sum();
         let mut value = Vec::with_capacity(usize::try_from(bytes).unwrap_or(0));
-        for (seq, json) in &open {
+        for (seq, json) in &records {
             push_frame(&mut value, *seq, json);
         }
-        let first = open.front().map_or(0, |(seq, _)| *seq);
-        let count = open.len() as u64;
+        let first = records.front().map_or(0, |(seq, _)| *seq);
+        let count = records.len() as u64;
         if s.failing.is_some() {
             // Until a reopen shows the disk works, nothing is written.
             s.count_dropped(count);
@@ -327,7 +362,7 @@ impl Store {
             Ok(()) => {
                 s.unflushed.push((first, count));
                 if s.handed.is_some_and(|handed| handed >= first) {
-                    let pending = open.iter().map(|(seq, _)| *seq).collect();
+                    let pending = records.iter().map(|(seq, _)| *seq).collect();
                     s.partial.insert(
                         first,
                         Partial {
@@ -358,6 +393,7 @@ impl Store {
     /// leaves the segments sealed since the last good one in doubt: they are
     /// counted as dropped unless the reopened store shows them.
     pub fn seal_and_flush(&mut self) {
+        self.seal(u64::MAX);
         if let Some(flush) = self.seal_for_flush() {
             let result = flush.db.flush().map(drop);
             self.flushed(flush, result);
@@ -370,7 +406,10 @@ impl Store {
     /// flush; the store is reopened every [`REOPEN_EVERY`] instead).
     pub fn seal_for_flush(&mut self) -> Option<Flush> {
         self.retry_if_failing();
-        self.seal();
+        // Records appended in this window wait for the next seal: a record
+        // is on disk at most two windows (1 s) after it was appended.
+        let young_from = std::mem::replace(&mut self.s.young_from, self.s.next_seq);
+        self.seal(young_from);
         let sled = self.s.sled.as_ref()?;
         if self.s.failing.is_some() {
             return None;
@@ -866,6 +905,52 @@ mod tests {
             .collect();
         assert_eq!(after, [4, 5], "sequence numbers continue after a reopen");
         assert_eq!(outbox.stats().messages, 4);
+    }
+
+    /// A record appended just before a seal and acknowledged just after
+    /// it (the broker's PUBACK takes milliseconds) never reaches sled; one
+    /// that waits two windows does.
+    #[test]
+    fn a_record_acknowledged_within_two_windows_is_never_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut outbox = Store::open(dir.path(), 1 << 20).unwrap();
+        let segments = |o: &Store| o.s.sled.as_ref().map_or(0, |s| s.tree.len());
+        outbox.push(&record(0, None));
+        let _ = outbox.seal_for_flush();
+        outbox.remove(&[0]).unwrap();
+        let _ = outbox.seal_for_flush();
+        assert_eq!(segments(&outbox), 0, "acknowledged in time: not written");
+        outbox.push(&record(1, None));
+        let _ = outbox.seal_for_flush();
+        assert_eq!(segments(&outbox), 0, "still within its grace");
+        let _ = outbox.seal_for_flush();
+        assert_eq!(
+            segments(&outbox),
+            2,
+            "sealed at the second window (segment and totals)"
+        );
+        assert_eq!(outbox.stats().messages, 1);
+        // A burst over a segment's size (a round of polls of many devices at
+        // once), acknowledged a moment later, is not written either.
+        let big = |i: u64| {
+            let mut r = record(i, None);
+            if let Body::Attributes { values, .. } = &mut r.body {
+                values.insert("pad".into(), "x".repeat(1000).into());
+            }
+            r
+        };
+        for i in 2..202 {
+            outbox.push(&big(i));
+        }
+        let burst: Vec<u64> = (2..202).collect();
+        outbox.remove(&burst).unwrap();
+        let _ = outbox.seal_for_flush();
+        let _ = outbox.seal_for_flush();
+        assert_eq!(
+            segments(&outbox),
+            2,
+            "only record 1's segment and the totals"
+        );
     }
 
     #[test]
