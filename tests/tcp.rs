@@ -350,7 +350,7 @@ async fn two_dtus_on_one_listen_are_told_apart_by_registration() {
         values(&seen, "b_v")
     );
     assert!(
-        gw.log_lines("no reply").is_empty() && gw.log_lines("responding again").len() == 2,
+        gw.log_lines("no reply").is_empty() && gw.log_lines("not responding").is_empty(),
         "heartbeats never broke a read: {}",
         gw.log()
     );

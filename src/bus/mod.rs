@@ -44,6 +44,8 @@ pub(crate) trait Stream: AsyncRead + AsyncWrite + Send + Unpin {
 }
 
 const REOPEN_MIN: Duration = Duration::from_secs(1);
+/// How long a transaction on a dial-in bus waits for a DTU to connect.
+const DTU_WAIT: Duration = Duration::from_secs(3);
 const REOPEN_MAX: Duration = Duration::from_secs(30);
 
 /// Longest reply a transparent bus collects for one request.
@@ -271,11 +273,19 @@ impl Bus {
             return Ok(());
         }
         let opened: io::Result<Box<dyn Stream>> = match &mut self.connector {
-            // A DTU is waited for, not dialled: nothing to back off from.
-            Connector::DialIn(_) => Err(io::Error::new(
-                io::ErrorKind::NotConnected,
-                "no DTU is connected",
-            )),
+            // A DTU is waited for, not dialled: nothing to back off from,
+            // and one that dials in meanwhile is taken at once.
+            Connector::DialIn(incoming) => {
+                let wait = self.config.timeout.max(DTU_WAIT);
+                self.alive.promise(wait);
+                match timeout(wait, incoming.recv()).await {
+                    Ok(Some(stream)) => Ok(Box::new(stream) as Box<dyn Stream>),
+                    _ => Err(io::Error::new(
+                        io::ErrorKind::NotConnected,
+                        "no DTU is connected",
+                    )),
+                }
+            }
             _ if Instant::now() < self.reopen_at => {
                 return Err(TxError::Port(self.down.clone().unwrap_or_default()))
             }
