@@ -512,3 +512,61 @@ fn tcp_transport_rules_name_the_line_and_column() {
         );
     }
 }
+
+/// `simulate` serves a tcp bus on loopback and dials in as a DTU; `scan`
+/// and `read` reach both through the binary.
+#[test]
+fn simulate_then_scan_and_read_over_tcp_and_a_dial_in_bus() {
+    let listen = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = |plc: &str| {
+        format!(
+            "[gateway]\nid = \"gw\"\ndata_dir = \"{}\"\n\n[[bus]]\nname = \"plc\"\ntransport = \"tcp\"\naddress = \"{plc}\"\n\n[[bus]]\nname = \"dtu\"\ntransport = \"rtu_over_tcp\"\nlisten = \"127.0.0.1:{listen}\"\nregistration = \"DTU-1\"\nheartbeat = \"HB\"\n\n[[device]]\nname = \"p\"\nbus = \"plc\"\nunit = 3\npoll = \"1s\"\n[[device.point]]\nname = \"t\"\narea = \"holding\"\naddress = 0\ntype = \"u16\"\n\n[[device]]\nname = \"d\"\nbus = \"dtu\"\nunit = 4\npoll = \"1s\"\n[[device.point]]\nname = \"x\"\narea = \"holding\"\naddress = 0\ntype = \"u16\"\n",
+            dir.path().join("data").display()
+        )
+    };
+    let path = dir.path().join("tcp.toml");
+    std::fs::write(&path, config("127.0.0.1:1")).unwrap();
+    let path = path.to_str().unwrap().to_string();
+    let mut sim = Running(
+        fieldgate()
+            .args(["--config", &path, "simulate"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(sim.0.stdout.take().unwrap()).lines();
+    let line = wait_for_line(&mut lines, Duration::from_secs(5), |l| {
+        l.starts_with("bus plc: ")
+    })
+    .expect("simulate prints the tcp bus's address");
+    let addr = line.split_whitespace().nth(2).unwrap().to_string();
+    std::fs::write(&path, config(&addr)).unwrap();
+
+    let scan = fieldgate()
+        .args(["--config", &path, "scan", "plc", "--units", "1-5"])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&scan.stdout);
+    assert!(
+        report.contains("unit 3: answers") && report.contains("1 of 5 unit ids answered"),
+        "{report}"
+    );
+    for device in ["p", "d"] {
+        let read = fieldgate()
+            .args(["--config", &path, "read", device])
+            .output()
+            .unwrap();
+        assert_eq!(
+            read.status.code(),
+            Some(0),
+            "{device}: {}{}",
+            String::from_utf8_lossy(&read.stdout),
+            String::from_utf8_lossy(&read.stderr)
+        );
+    }
+}
