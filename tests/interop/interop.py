@@ -157,10 +157,10 @@ def free_port():
 class Platform:
     """A paho subscriber recording every message."""
 
-    def __init__(self, port):
+    def __init__(self, port, client_id="interop-platform"):
         self.messages = []
         self.lock = threading.Lock()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="interop-platform")
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
         self.client.on_message = self._on_message
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe("#", qos=1)
         self.client.connect("127.0.0.1", port)
@@ -302,7 +302,10 @@ key = "pump-001"
             for name, *_, want in PUMP:
                 check(f"{profile}: pump {name} = {want!r}", close_enough(sub.get(name), want), f"got {sub.get(name)!r}")
         if profile == "generic":
-            status = platform.wait("plant/gw/status")
+            # What a subscriber that comes now is told: the retained value.
+            late = Platform(mqtt_port, client_id="interop-late")
+            status = late.wait("plant/gw/status")
+            late.stop()
             check("generic: retained status online", status == b"online", status)
         gateway.send_signal(signal.SIGTERM)
         try:
