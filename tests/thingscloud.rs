@@ -108,7 +108,10 @@ async fn sub_device_presence_follows_the_slave_and_the_connection() {
             !connects(s).is_empty()
         })
         .await;
-    assert_eq!(connects(&seen), [json!({"device": "s-1"})]);
+    // At least once: a reconnect while it was in flight sends it again.
+    assert!(connects(&seen)
+        .iter()
+        .all(|c| *c == json!({"device": "s-1"})));
     let first_report = seen.iter().position(|s| s.topic == "gateway/attributes");
     let connect = seen.iter().position(|s| s.topic == "gateway/connect");
     assert!(
@@ -126,12 +129,16 @@ async fn sub_device_presence_follows_the_slave_and_the_connection() {
         payloads(&seen, "gateway/disconnect"),
         [json!({"device": "s-1"})]
     );
+    let before = connects(&seen).len();
     slaves.unit(1, |u| u.silent = false);
-    platform
-        .wait_until(Duration::from_secs(10), "a second gateway/connect", |s| {
-            connects(s).len() == 2
-        })
+    let seen = platform
+        .wait_until(
+            Duration::from_secs(10),
+            "a gateway/connect when it is back",
+            |s| connects(s).len() > before,
+        )
         .await;
+    let before = connects(&seen).len();
 
     // The connection drops while the device stays online: after the
     // reconnect the gateway announces it again.
@@ -142,7 +149,7 @@ async fn sub_device_presence_follows_the_slave_and_the_connection() {
         .wait_until(
             Duration::from_secs(20),
             "gateway/connect after the reconnect",
-            |s| connects(s).len() == 3,
+            |s| connects(s).len() > before,
         )
         .await;
     assert_eq!(
