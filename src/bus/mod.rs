@@ -487,11 +487,6 @@ impl Bus {
         deadline: Instant,
     ) -> Result<Option<Vec<u8>>, ReadError> {
         self.rx.clear();
-        let link = self
-            .link
-            .as_mut()
-            .ok_or_else(|| ReadError::Io(io::ErrorKind::NotConnected.into()))?;
-        let mut chunk = [0u8; rtu::MAX_FRAME];
         loop {
             match rtu::find_reply(&self.rx, unit.get(), request) {
                 Scan::Found(range) => {
@@ -503,24 +498,13 @@ impl Bus {
                 Scan::BadCrc => return Err(ReadError::Crc),
                 Scan::Partial | Scan::Nothing => {}
             }
-            match timeout_at(deadline, link.read(&mut chunk)).await {
-                Err(_) => return Ok(None),
-                Ok(Ok(0)) => {
-                    return Err(ReadError::Io(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the line closed",
-                    )))
-                }
-                Ok(Ok(n)) => {
-                    self.rx.extend_from_slice(&chunk[..n]);
-                    strip_packets(&mut self.rx, &self.not_frames);
-                    // A slave streaming garbage cannot grow the buffer.
-                    if self.rx.len() > 2 * rtu::MAX_FRAME {
-                        let excess = self.rx.len() - rtu::MAX_FRAME;
-                        self.rx.drain(..excess);
-                    }
-                }
-                Ok(Err(e)) => return Err(ReadError::Io(e)),
+            if !self.receive(deadline).await? {
+                return Ok(None);
+            }
+            // A slave streaming garbage cannot grow the buffer.
+            if self.rx.len() > 2 * rtu::MAX_FRAME {
+                let excess = self.rx.len() - rtu::MAX_FRAME;
+                self.rx.drain(..excess);
             }
         }
     }
@@ -537,11 +521,6 @@ impl Bus {
         deadline: Instant,
     ) -> Result<Option<Vec<u8>>, ReadError> {
         self.rx.clear();
-        let link = self
-            .link
-            .as_mut()
-            .ok_or_else(|| ReadError::Io(io::ErrorKind::NotConnected.into()))?;
-        let mut chunk = [0u8; rtu::MAX_FRAME + mbap::HEADER];
         loop {
             match mbap::next_frame(&self.rx) {
                 mbap::Next::Frame {
@@ -565,17 +544,32 @@ impl Bus {
                 }
                 mbap::Next::Partial => {}
             }
-            match timeout_at(deadline, link.read(&mut chunk)).await {
-                Err(_) => return Ok(None),
-                Ok(Ok(0)) => {
-                    return Err(ReadError::Io(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the peer closed the connection",
-                    )))
-                }
-                Ok(Ok(n)) => self.rx.extend_from_slice(&chunk[..n]),
-                Ok(Err(e)) => return Err(ReadError::Io(e)),
+            if !self.receive(deadline).await? {
+                return Ok(None);
             }
+        }
+    }
+
+    /// Appends what arrives next to `rx`, with the peer's packets that are
+    /// not frames removed; `false` when `deadline` passed first.
+    async fn receive(&mut self, deadline: Instant) -> Result<bool, ReadError> {
+        let link = self
+            .link
+            .as_mut()
+            .ok_or_else(|| ReadError::Io(io::ErrorKind::NotConnected.into()))?;
+        let mut chunk = [0u8; rtu::MAX_FRAME + mbap::HEADER];
+        match timeout_at(deadline, link.read(&mut chunk)).await {
+            Err(_) => Ok(false),
+            Ok(Ok(0)) => Err(ReadError::Io(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the line closed",
+            ))),
+            Ok(Ok(n)) => {
+                self.rx.extend_from_slice(&chunk[..n]);
+                strip_packets(&mut self.rx, &self.not_frames);
+                Ok(true)
+            }
+            Ok(Err(e)) => Err(ReadError::Io(e)),
         }
     }
 
