@@ -5,7 +5,8 @@
 //! | outbox owner (a thread) | the sled store | — (everyone sends it messages) |
 //! | one bus owner per bus | the port, its devices' state | outbox (appends) |
 //! | the MQTT task | the connection, the publisher | outbox (reads, acks), this task (downlink) |
-//! | this task | the router, reload, watchdog | bus owners (jobs) |
+//! | the local API | its connections | [`Live`] (reads), bus owners (jobs) |
+//! | this task | the router, reload, watchdog, stats | bus owners (jobs) |
 //!
 //! SIGHUP swaps the bus owners (and the MQTT connection if `[platform]`
 //! changed) for a newly loaded config; the outbox lives as long as the
@@ -14,7 +15,6 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,14 +23,18 @@ use sd_notify::NotifyState;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use crate::api;
 use crate::bus::dialin::Listener;
+use crate::bus::tap::ModbusMetrics;
 use crate::bus::Bus;
 use crate::config::{self, Config, Platform};
+use crate::live::{FieldView, Live, UplinkStats};
 use crate::outbox::Outbox;
 use crate::platform;
 use crate::platform::budget::Budget;
 use crate::poll::job::Job;
 use crate::poll::{BusHandle, BusTask, StopReason};
+use crate::record::{Body, Reading, Record};
 use crate::router::{Incoming, Router};
 use crate::Usage;
 
@@ -52,7 +56,7 @@ struct Field {
 impl Field {
     /// Starts an owner on each bus that has devices or a stream, and a
     /// listener on each address dial-in buses share.
-    fn start(config: &Config, outbox: &Outbox) -> Self {
+    fn start(config: &Config, outbox: &Outbox, metrics: &ModbusMetrics) -> Self {
         let (stop, stopped) = watch::channel(None);
         let mut tasks = Vec::new();
         let mut buses = Vec::new();
@@ -74,7 +78,7 @@ impl Field {
                 _ => Bus::new(bus_config.clone()),
             };
             bus.open_now();
-            let (task, handle) = BusTask::new(bus, devices, outbox.clone());
+            let (task, handle) = BusTask::new(bus, devices, outbox.clone(), metrics);
             buses.push((bus_config.name.clone(), handle));
             tasks.push(tokio::spawn(task.run(stopped.clone())));
         }
@@ -84,6 +88,14 @@ impl Field {
             listeners,
             buses,
         }
+    }
+
+    /// What the local API sees of these bus owners.
+    fn view(&self, config: &Config) -> Arc<FieldView> {
+        Arc::new(FieldView {
+            config: Arc::new(config.clone()),
+            buses: self.buses.iter().map(|(_, h)| h.clone()).collect(),
+        })
     }
 
     fn jobs(&self) -> HashMap<String, mpsc::Sender<Job>> {
@@ -165,16 +177,16 @@ impl Uplink {
         platform: &Platform,
         outbox: &Outbox,
         downlink: &mpsc::Sender<Incoming>,
-        connected: &Arc<AtomicBool>,
+        uplink: &Arc<UplinkStats>,
         budget: &watch::Receiver<Option<Budget>>,
     ) -> Self {
         let (stop, stopped) = watch::channel(false);
-        let (id, platform, outbox, downlink, connected, budget) = (
+        let (id, platform, outbox, downlink, uplink, budget) = (
             gateway_id.to_string(),
             platform.clone(),
             outbox.clone(),
             downlink.clone(),
-            connected.clone(),
+            uplink.clone(),
             budget.clone(),
         );
         let task = tokio::spawn(async move {
@@ -183,12 +195,31 @@ impl Uplink {
                 &platform,
                 outbox,
                 Some(downlink),
-                connected,
+                uplink,
                 budget,
                 stopped,
             )
             .await;
         });
+        Self { stop, task }
+    }
+
+    async fn stop(self) {
+        self.stop.send_replace(true);
+        let _ = self.task.await;
+    }
+}
+
+/// The local API task and its own stop switch.
+struct ApiTask {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl ApiTask {
+    fn start(api: &config::Api, live: &Arc<Live>) -> Self {
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(api::serve(api.clone(), live.clone(), stopped));
         Self { stop, task }
     }
 
@@ -212,17 +243,27 @@ pub async fn run(
     let mut hangup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let outbox = Outbox::start(&config.gateway.data_dir, config.buffer.max_bytes)?;
     let (downlink_tx, mut downlink_rx) = mpsc::channel(DOWNLINK_QUEUE);
-    let connected = Arc::new(AtomicBool::new(false));
+    let uplink_stats = Arc::new(UplinkStats::default());
     let (budget_tx, budget) = watch::channel(platform_budget(&config));
+    let metrics = ModbusMetrics::default();
 
-    let mut field = Field::start(&config, &outbox);
+    let mut field = Field::start(&config, &outbox, &metrics);
+    let (view_tx, view) = watch::channel(field.view(&config));
+    let live = Arc::new(Live::new(
+        &config,
+        view,
+        outbox.clone(),
+        uplink_stats.clone(),
+        metrics.clone(),
+    ));
+    let mut api_task = ApiTask::start(&config.api, &live);
     let mut router = Router::new(Arc::new(config.clone()), field.jobs(), outbox.clone());
     let mut uplink = Uplink::start(
         &config.gateway.id,
         &platform,
         &outbox,
         &downlink_tx,
-        &connected,
+        &uplink_stats,
         &budget,
     );
     log::info!(
@@ -237,6 +278,7 @@ pub async fn run(
     let _ = sd_notify::notify(false, &[NotifyState::Ready]);
     let mut config = config;
     let mut status = tokio::time::interval(STATUS_EVERY);
+    let mut stats = stats_timer(&platform);
     loop {
         tokio::select! {
             () = crate::stopped(&mut shutdown) => break,
@@ -245,13 +287,19 @@ pub async fn run(
                 match reload(config_path, &config) {
                     Ok(new) => {
                         field.stop("the config was reloaded").await;
-                        field = Field::start(&new, &outbox);
+                        field = Field::start(&new, &outbox, &metrics);
+                        view_tx.send_replace(field.view(&new));
                         router.reconfigure(Arc::new(new.clone()), field.jobs());
+                        if new.api != config.api {
+                            api_task.stop().await;
+                            api_task = ApiTask::start(&new.api, &live);
+                        }
                         budget_tx.send_replace(platform_budget(&new));
                         if new.platform != config.platform {
                             if let Some(platform) = &new.platform {
                                 uplink.stop().await;
-                                uplink = Uplink::start(&new.gateway.id, platform, &outbox, &downlink_tx, &connected, &budget);
+                                uplink = Uplink::start(&new.gateway.id, platform, &outbox, &downlink_tx, &uplink_stats, &budget);
+                                stats = stats_timer(platform);
                             }
                         }
                         log::info!(target: "daemon", "reloaded the config: {} buses, {} devices", field.buses.len(), new.devices.len());
@@ -262,9 +310,14 @@ pub async fn run(
                 let _ = sd_notify::notify(false, &[NotifyState::Ready]);
             }
             Some(message) = downlink_rx.recv() => router.handle(&message),
+            _ = async { match stats.as_mut() { Some(t) => t.tick().await, None => std::future::pending().await } } => {
+                if let Some(record) = stats_record(&live, config.platform.as_ref()) {
+                    outbox.append(record);
+                }
+            }
             _ = status.tick() => {
                 router.tick();
-                let line = status_line(&field, &outbox, connected.load(Ordering::Relaxed));
+                let line = status_line(&field, &outbox, uplink_stats.connected());
                 let mut states = vec![NotifyState::Status(&line)];
                 let stuck = field.stuck();
                 if stuck.is_empty() {
@@ -277,6 +330,7 @@ pub async fn run(
         }
     }
     let _ = sd_notify::notify(false, &[NotifyState::Stopping]);
+    api_task.stop().await;
     field.stop("the daemon is stopping").await;
     uplink.stop().await;
     outbox.close().await?;
@@ -300,6 +354,37 @@ fn reload(path: Option<&Path>, running: &Config) -> anyhow::Result<Config> {
         new.buffer = running.buffer.clone();
     }
     Ok(new)
+}
+
+/// The `[platform] stats` interval, first due one interval from now.
+fn stats_timer(platform: &Platform) -> Option<tokio::time::Interval> {
+    let every = platform.stats?;
+    let mut timer = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    Some(timer)
+}
+
+/// The gateway's health for the platform (SPEC §10): gateway attributes
+/// on ThingsCloud, `<prefix>/stats` on the generic profile. Health is
+/// about now: while the uplink is down none is queued.
+fn stats_record(live: &Live, platform: Option<&Platform>) -> Option<Record> {
+    if !live.uplink.connected() {
+        return None;
+    }
+    Some(match &platform?.profile {
+        config::Profile::ThingsCloud { .. } => Record::from(Reading {
+            device: live.gateway.clone(),
+            key: None,
+            taken: std::time::SystemTime::now(),
+            values: live.stats_attributes(),
+        }),
+        config::Profile::Generic { .. } => Record::now(Body::Stats {
+            status: match live.status(false) {
+                serde_json::Value::Object(map) => map,
+                _ => serde_json::Map::new(),
+            },
+        }),
+    })
 }
 
 /// The budget of `config`, with a warning when it cannot keep up.

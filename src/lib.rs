@@ -11,6 +11,7 @@
 //! embedded broker for `simulate`, `demo` and the tests.
 #![warn(unreachable_pub)]
 
+pub mod api;
 #[cfg(feature = "sim")]
 pub mod broker;
 pub mod bus;
@@ -18,6 +19,7 @@ pub mod codec;
 pub mod commands;
 pub mod config;
 pub mod daemon;
+pub mod live;
 pub mod modbus;
 pub mod outbox;
 pub mod platform;

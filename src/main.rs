@@ -32,7 +32,7 @@ enum Command {
     Run,
     /// Validate the config and print the poll plan and its bus time
     Check,
-    /// Read a device's points once and print them (no MQTT needed)
+    /// Read a device's points once and print them (through the daemon when it runs)
     Read {
         device: String,
         /// Points to read (default: all)
@@ -59,8 +59,13 @@ enum Command {
     Scan {
         bus: String,
         /// Unit ids to probe, e.g. 1-247 or 5
-        #[arg(long, default_value = "1-247", value_parser = commands::scan::parse_units)]
+        #[arg(long, default_value = "1-247", value_parser = fieldgate::poll::scan::parse_units)]
         units: std::ops::RangeInclusive<u8>,
+    },
+    /// Live view of every Modbus transaction the running daemon makes
+    Trace {
+        /// Only this bus (default: all)
+        bus: Option<String>,
     },
 }
 
@@ -138,6 +143,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         .into()),
         Command::Buffer => commands::buffer::run(&load()?),
         Command::Scan { bus, units } => commands::scan::run(&load()?, &bus, units).await,
+        Command::Trace { bus } => commands::trace::run(&load()?, bus.as_deref()).await,
     }
 }
 

@@ -47,6 +47,9 @@ pub enum Body {
     /// A sub-device answered (first poll, or again after being offline) or
     /// went offline: ThingsCloud's `gateway/connect` / `gateway/disconnect`.
     Presence { key: String, online: bool },
+    /// The gateway's own health for the generic profile's `<prefix>/stats`
+    /// (`[platform] stats`; on ThingsCloud it is gateway attributes).
+    Stats { status: Map<String, Value> },
 }
 
 /// A device's decoded values from one poll, before it becomes a [`Record`].

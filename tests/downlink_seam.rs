@@ -52,6 +52,7 @@ async fn a_job_goes_between_two_poll_transactions_and_nothing_stale_follows_it()
         Bus::new(config.buses[0].clone()),
         config.devices.clone(),
         outbox.clone(),
+        &Default::default(),
     );
     let (stop_tx, stop) = watch::channel(None);
     let running = tokio::spawn(task.run(stop));

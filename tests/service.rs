@@ -47,7 +47,7 @@ async fn sighup_applies_a_valid_config_and_keeps_the_old_one_on_an_invalid_one()
     wait_log(&rig.gw, "reload failed").await;
     let line = rig.gw.log_lines("reload failed").join("\n");
     assert!(
-        line.contains("fieldgate.toml:24:8: invalid type"),
+        line.contains("fieldgate.toml:27:8: invalid type"),
         "file:line:col: {line}"
     );
     let before = rig.platform.on("attributes").len();

@@ -33,6 +33,9 @@ access_token = "token"
 project_key = "key"
 max_publish_rate = 0
 
+[api]
+listen = ""
+
 [[bus]]
 name = "line"
 {bus}

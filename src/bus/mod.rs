@@ -15,6 +15,7 @@
 pub(crate) mod dialin;
 mod gap;
 mod serial;
+pub mod tap;
 mod tcp;
 
 #[cfg(feature = "sim")]
@@ -47,6 +48,9 @@ const REOPEN_MIN: Duration = Duration::from_secs(1);
 /// How long a transaction on a dial-in bus waits for a DTU to connect.
 const DTU_WAIT: Duration = Duration::from_secs(3);
 const REOPEN_MAX: Duration = Duration::from_secs(30);
+
+/// Most bytes of a failed reply the trace shows.
+const TRACE_BYTES: usize = 256;
 
 /// Longest reply a transparent bus collects for one request.
 pub const RAW_REPLY_MAX: usize = 4096;
@@ -154,6 +158,7 @@ pub struct Bus {
     /// Bytes received for the transaction in progress.
     rx: Vec<u8>,
     alive: Liveness,
+    stats: Arc<tap::BusStats>,
 }
 
 impl Bus {
@@ -190,6 +195,7 @@ impl Bus {
 
     fn with(config: config::Bus, connector: Connector) -> Self {
         let now = Instant::now();
+        let config_name = config.name.clone();
         let gap = match connector {
             Connector::Serial => gap::Gap::new(),
             // Whatever is behind a TCP link keeps its own line timing.
@@ -217,11 +223,18 @@ impl Bus {
             gap,
             rx: Vec::with_capacity(2 * rtu::MAX_FRAME),
             alive: Liveness::new(),
+            stats: Arc::new(tap::BusStats::unobserved(&config_name)),
         }
     }
 
     pub fn config(&self) -> &config::Bus {
         &self.config
+    }
+
+    /// Where this bus counts and traces its transactions.
+    pub fn observed_by(&mut self, stats: Arc<tap::BusStats>) {
+        stats.set_connected(self.link.is_some());
+        self.stats = stats;
     }
 
     /// The promise this bus renews before every attempt.
@@ -402,19 +415,50 @@ impl Bus {
     }
 
     /// One try, no retries: used by `scan`, which probes many silent ids,
-    /// and for raw frames, which run as exactly one transaction.
+    /// and for raw frames, which run as exactly one transaction. Every
+    /// attempt is counted and, while someone watches, traced.
     pub async fn attempt(&mut self, unit: UnitId, request: &Request, limit: Duration) -> Attempt {
+        let started = Instant::now();
+        let (attempt, frame) = self.attempt_untraced(unit, request, limit).await;
+        let took = started.elapsed();
+        let error = attempt.outcome.as_ref().err();
+        self.stats.set_connected(self.link.is_some());
+        self.stats.record(unit, took, error);
+        if self.stats.traced() {
+            let response = match (&attempt.pdu, &self.framing) {
+                (Some(pdu), Framing::Rtu) => rtu::adu(unit.get(), pdu),
+                (Some(pdu), Framing::Mbap { tid }) => mbap::adu(*tid, unit.get(), pdu),
+                (None, _) => self
+                    .rx
+                    .get(..self.rx.len().min(TRACE_BYTES))
+                    .unwrap_or_default()
+                    .to_vec(),
+            };
+            let fc = request.pdu().first().copied().unwrap_or_default();
+            self.stats.trace(unit, fc, &frame, &response, took, error);
+        }
+        attempt
+    }
+
+    /// [`Bus::attempt`] without the accounting; also returns the request
+    /// frame (empty when none was sent).
+    async fn attempt_untraced(
+        &mut self,
+        unit: UnitId,
+        request: &Request,
+        limit: Duration,
+    ) -> (Attempt, Vec<u8>) {
         let failed = |e| Attempt {
             outcome: Err(e),
             pdu: None,
         };
+        self.rx.clear();
         if self.config.mode != BusMode::Rtu {
-            return failed(TxError::Port(
-                "not a Modbus RTU bus (mode = \"transparent\")".into(),
-            ));
+            let e = TxError::Port("not a Modbus RTU bus (mode = \"transparent\")".into());
+            return (failed(e), Vec::new());
         }
         if let Err(e) = self.ensure_open().await {
-            return failed(e);
+            return (failed(e), Vec::new());
         }
         self.promise(limit);
         self.gap.until(self.quiet_until).await;
@@ -426,7 +470,7 @@ impl Bus {
             }
         };
         if let Err(e) = self.send(&frame, limit).await {
-            return failed(self.transport_failed(&e));
+            return (failed(self.transport_failed(&e)), frame);
         }
         let deadline = Instant::now() + limit;
         let result = match self.framing {
@@ -434,7 +478,7 @@ impl Bus {
             Framing::Mbap { tid } => self.read_mbap_reply(tid, unit, deadline).await,
         };
         self.quiet_until = Instant::now() + self.frame_gap() + self.config.delay;
-        match result {
+        let attempt = match result {
             Ok(Some(pdu)) => Attempt {
                 outcome: request.decode_reply(&pdu),
                 pdu: Some(pdu),
@@ -453,7 +497,8 @@ impl Bus {
             }
             Err(ReadError::Crc) => failed(TxError::Crc),
             Err(ReadError::Io(e)) => failed(self.transport_failed(&e)),
-        }
+        };
+        (attempt, frame)
     }
 
     /// Discards stale input, then writes `bytes`, within `limit`.

@@ -9,6 +9,7 @@ pub mod read;
 pub mod scan;
 #[cfg(feature = "sim")]
 pub mod simulate;
+pub mod trace;
 pub mod write;
 
 use std::fmt::Write as _;

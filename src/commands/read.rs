@@ -1,100 +1,85 @@
-//! `fieldgate read DEVICE [POINT…]`: one poll of a device over its bus,
-//! printed as a table. For commissioning; needs no MQTT.
+//! `fieldgate read DEVICE [POINT…]`: one read of a device's points,
+//! printed as a table. Through the running daemon's bus owner when it runs
+//! (nothing interleaves on the wire), else on the bus directly. For
+//! commissioning; needs no MQTT.
 
+use crate::api::client::Daemon;
 use crate::bus::Bus;
 use crate::commands::hex_words;
 use crate::config::{Config, Device};
-use crate::poll::{self, plan, Raw};
+use crate::poll::job::read_points;
+use crate::poll::{plan, PointRead};
 use crate::Usage;
 
 /// The device `name` with only the points `names` (all if empty).
 pub fn select(config: &Config, name: &str, names: &[String]) -> Result<Device, Usage> {
-    let Some(device) = config.device(name) else {
-        let known: Vec<&str> = config.devices.iter().map(|d| d.name.as_str()).collect();
-        return Err(Usage(format!(
-            "no device {} in the config (devices: {})",
-            crate::text::quote(name),
-            known.join(", ")
-        )));
-    };
-    let mut device = device.clone();
-    if !names.is_empty() {
-        for name in names {
-            if device.point(name).is_none() {
-                return Err(Usage(format!(
-                    "device {} has no point {}",
-                    device.name,
-                    crate::text::quote(name)
-                )));
-            }
-        }
-        device.points.retain(|p| names.contains(&p.name));
-    }
-    Ok(device)
+    config.select(name, names).map_err(Usage)
 }
 
 /// Reads the named points (all if none) and prints them. Fails when no
-/// block could be read.
+/// point could be read.
 pub async fn run(config: &Config, device: &str, names: &[String]) -> anyhow::Result<()> {
     let device = select(config, device, names)?;
+    let reads = read(config, &device).await?;
+    show(config, &device, &reads)
+}
+
+/// Reads `device` through the daemon, or on its bus.
+pub async fn read(config: &Config, device: &Device) -> anyhow::Result<Vec<PointRead>> {
+    if let Some(daemon) = Daemon::find(config).await {
+        return daemon.read(device).await;
+    }
     let Some(bus_config) = config.bus(&device.bus) else {
         return Err(Usage(format!("bus {} is not configured", device.bus)).into());
     };
     let mut bus = Bus::new(bus_config.clone());
-    show(&mut bus, &device).await
+    Ok(read_points(&mut bus, device).await)
 }
 
-/// Reads `device` once on `bus` and prints name, raw registers, value and
-/// unit of each point.
-pub async fn show(bus: &mut Bus, device: &Device) -> anyhow::Result<()> {
-    let blocks = plan::plan(&device.points, bus.config());
-    let result = poll::read_device(bus, device, &blocks).await;
-    let values = result.values(&device.points, &blocks);
+/// Prints name, raw registers, value and unit of each point.
+pub fn show(config: &Config, device: &Device, reads: &[PointRead]) -> anyhow::Result<()> {
     let mut rows = vec![[
         "name".to_string(),
         "raw".into(),
         "value".into(),
         "unit".into(),
     ]];
-    for (block, reply) in blocks.iter().zip(&result.replies) {
-        for &i in &block.points {
-            let Some(p) = device.points.get(i) else {
-                continue;
-            };
-            let (raw, value) = match reply {
-                Ok(reply) => (
-                    match poll::raw_of(p, block, reply) {
-                        Some(Raw::Bit(b)) => u8::from(b).to_string(),
-                        Some(Raw::Registers(regs)) => hex_words(regs),
-                        None => String::new(),
-                    },
-                    values
-                        .get(i)
-                        .and_then(Option::as_ref)
-                        .map(ToString::to_string)
-                        .unwrap_or_default(),
-                ),
-                Err(e) => ("-".into(), format!("error: {e}")),
-            };
-            rows.push([
-                p.name.clone(),
-                raw,
-                value,
-                p.unit.clone().unwrap_or_default(),
-            ]);
-        }
+    for read in reads {
+        let raw = match &read.raw {
+            Some(serde_json::Value::Array(items)) => {
+                let words: Vec<u16> = items
+                    .iter()
+                    .filter_map(|v| v.as_u64().and_then(|w| u16::try_from(w).ok()))
+                    .collect();
+                match items.first() {
+                    Some(serde_json::Value::Bool(b)) => u8::from(*b).to_string(),
+                    _ => hex_words(&words),
+                }
+            }
+            _ => "-".into(),
+        };
+        let value = match (&read.value, &read.error) {
+            (_, Some(error)) => format!("error: {error}"),
+            (Some(serde_json::Value::String(text)), None) => format!("{text:?}"),
+            (Some(value), None) => value.to_string(),
+            (None, None) => String::new(),
+        };
+        rows.push([
+            read.name.clone(),
+            raw,
+            value,
+            read.unit.clone().unwrap_or_default(),
+        ]);
     }
     let widths: Vec<usize> = (0..4)
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
         .collect();
-    let config = bus.config();
+    let (port, requests) = config.bus(&device.bus).map_or((String::new(), 0), |bus| {
+        (bus.port.clone(), plan::plan(&device.points, bus).len())
+    });
     println!(
-        "device {} (unit {} on bus {}, {}): {} requests",
-        device.name,
-        device.unit,
-        config.name,
-        config.port,
-        blocks.len()
+        "device {} (unit {} on bus {}, {port}): {requests} requests",
+        device.name, device.unit, device.bus,
     );
     for row in &rows {
         println!(
@@ -108,7 +93,7 @@ pub async fn show(bus: &mut Bus, device: &Device) -> anyhow::Result<()> {
             w2 = widths[2]
         );
     }
-    if result.all_failed() {
+    if reads.iter().all(|r| r.value.is_none()) {
         anyhow::bail!("no point of {} could be read", device.name);
     }
     Ok(())

@@ -1,32 +1,17 @@
-//! `fieldgate scan BUS [--units A-B]`: which unit ids answer on a bus.
+//! `fieldgate scan BUS [--units A-B]`: which unit ids answer on a bus,
+//! through the running daemon's bus owner when it runs, else on the bus
+//! directly.
 
 use std::ops::RangeInclusive;
 
+use crate::api::client::Daemon;
 use crate::bus::Bus;
 use crate::commands::{hex_words, human};
-use crate::config::{Config, UnitId};
-use crate::modbus::{Reply, Request, TxError};
+use crate::config::{self, Config, UnitId};
+use crate::poll::job::probe;
+use crate::poll::scan::{Answer, Probe};
 use crate::Usage;
 
-/// Parses `A-B` (or a single id) within 1..247.
-pub fn parse_units(text: &str) -> Result<RangeInclusive<u8>, String> {
-    let (a, b) = text.split_once('-').unwrap_or((text, text));
-    let parse = |s: &str| {
-        s.trim()
-            .parse::<u8>()
-            .ok()
-            .filter(|u| UnitId::new(*u).is_some())
-            .ok_or_else(|| format!("{} is not a unit id (1..247)", crate::text::quote(s)))
-    };
-    let (a, b) = (parse(a)?, parse(b)?);
-    if a > b {
-        return Err(format!("empty range {a}-{b}"));
-    }
-    Ok(a..=b)
-}
-
-/// Probes each unit with one read of holding register 0, without retries and
-/// bounded by the bus timeout. An exception reply also proves a slave is there.
 pub async fn run(config: &Config, bus_name: &str, units: RangeInclusive<u8>) -> anyhow::Result<()> {
     let Some(bus_config) = config.bus(bus_name) else {
         let known: Vec<&str> = config.buses.iter().map(|b| b.name.as_str()).collect();
@@ -37,43 +22,58 @@ pub async fn run(config: &Config, bus_name: &str, units: RangeInclusive<u8>) -> 
         ))
         .into());
     };
-    let mut bus = Bus::new(bus_config.clone());
-    bus.ensure_open().await.map_err(anyhow::Error::from)?;
     let count = units.clone().count();
+    print_header(bus_config, &units);
+    let found = match Daemon::find(config).await {
+        Some(daemon) => {
+            let probes = daemon.scan(bus_name, &units).await?;
+            for probe in &probes {
+                show(probe)?;
+            }
+            probes.iter().filter(|p| p.answers()).count()
+        }
+        None => {
+            let mut bus = Bus::new(bus_config.clone());
+            bus.ensure_open().await.map_err(anyhow::Error::from)?;
+            let mut found = 0;
+            for unit in units.filter_map(UnitId::new) {
+                let probe = probe(&mut bus, unit).await;
+                show(&probe)?;
+                found += usize::from(probe.answers());
+            }
+            found
+        }
+    };
+    println!("{found} of {count} unit ids answered");
+    Ok(())
+}
+
+fn print_header(bus: &config::Bus, units: &RangeInclusive<u8>) {
     println!(
         "scanning units {}-{} on {} ({}), up to {} each",
         units.start(),
         units.end(),
-        bus_config.name,
-        bus_config.port,
-        human(bus_config.timeout)
+        bus.name,
+        bus.port,
+        human(bus.timeout)
     );
-    let mut found = 0;
-    for id in units {
-        let Some(unit) = UnitId::new(id) else {
-            continue;
-        };
-        let probe = Request::ReadHolding(0, 1);
-        match bus.attempt(unit, &probe, bus_config.timeout).await.outcome {
-            Ok(Reply::Registers(regs)) => {
-                found += 1;
-                println!("unit {id}: answers (holding 0 = {})", hex_words(&regs));
-            }
-            Ok(_) => found += 1,
-            Err(TxError::Exception(code)) => {
-                found += 1;
-                println!(
-                    "unit {id}: answers with exception {:#04x} (holding 0 not readable)",
-                    u8::from(code)
-                );
-            }
-            Err(TxError::Port(e)) => anyhow::bail!("{e}"),
-            Err(e @ (TxError::Garbled(_) | TxError::Crc)) => {
-                println!("unit {id}: garbled answer ({e}); check baud/parity")
-            }
-            Err(TxError::Timeout(_)) => {}
+}
+
+/// Prints what one probe found; a failed bus ends the scan.
+fn show(probe: &Probe) -> anyhow::Result<()> {
+    let id = probe.unit;
+    match &probe.answer {
+        Answer::Registers { registers } => {
+            println!("unit {id}: answers (holding 0 = {})", hex_words(registers))
         }
+        Answer::Exception { code } => {
+            println!("unit {id}: answers with exception {code:#04x} (holding 0 not readable)")
+        }
+        Answer::Garbled { error } => {
+            println!("unit {id}: garbled answer ({error}); check baud/parity")
+        }
+        Answer::Silent => {}
+        Answer::Disconnected { error } => anyhow::bail!("{error}"),
     }
-    println!("{found} of {count} unit ids answered");
     Ok(())
 }

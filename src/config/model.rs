@@ -9,6 +9,7 @@ pub use crate::modbus::{Address, Area, UnitId};
 
 #[derive(Debug, Clone)]
 pub struct Config {
+    pub api: Api,
     pub gateway: Gateway,
     pub platform: Option<Platform>,
     pub buffer: Buffer,
@@ -27,9 +28,58 @@ impl Config {
         self.devices.iter().find(|d| d.name == name)
     }
 
+    /// The device `name` with only the points `names` (all if empty), or
+    /// why there is none, for a person.
+    pub fn select(&self, name: &str, names: &[String]) -> Result<Device, String> {
+        let Some(device) = self.device(name) else {
+            let known: Vec<&str> = self.devices.iter().map(|d| d.name.as_str()).collect();
+            return Err(format!(
+                "no device {} in the config (devices: {})",
+                crate::text::quote(name),
+                known.join(", ")
+            ));
+        };
+        let mut device = device.clone();
+        if let Some(unknown) = names.iter().find(|n| device.point(n).is_none()) {
+            return Err(format!(
+                "device {} has no point {}",
+                device.name,
+                crate::text::quote(unknown)
+            ));
+        }
+        if !names.is_empty() {
+            device.points.retain(|p| names.contains(&p.name));
+        }
+        Ok(device)
+    }
+
     /// The devices polled on one bus, in config order.
     pub fn devices_on<'a>(&'a self, bus: &'a str) -> impl Iterator<Item = &'a Device> + 'a {
         self.devices.iter().filter(move |d| d.bus == bus)
+    }
+}
+
+/// The local API and web console (SPEC §10).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Api {
+    /// `None`: turned off.
+    pub listen: Option<std::net::SocketAddr>,
+    /// Needed for every POST, and for everything beyond loopback.
+    pub token: Option<String>,
+}
+
+impl Api {
+    pub fn default_listen() -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], 8480))
+    }
+}
+
+impl Default for Api {
+    fn default() -> Self {
+        Self {
+            listen: Some(Self::default_listen()),
+            token: None,
+        }
     }
 }
 
@@ -48,6 +98,8 @@ pub struct Platform {
     pub keep_alive: Duration,
     /// Messages per second toward the platform; `None` means no cap.
     pub max_publish_rate: Option<f64>,
+    /// How often the gateway publishes its own health; `None`: never.
+    pub stats: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -324,6 +376,24 @@ pub enum Kind {
     String {
         len: u16,
     },
+}
+
+/// The config's `type` name.
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::Bit | Kind::RegisterBit(_) | Kind::RegisterBool => "bool",
+            Kind::U16 => "u16",
+            Kind::I16 => "i16",
+            Kind::U32 => "u32",
+            Kind::I32 => "i32",
+            Kind::U64 => "u64",
+            Kind::I64 => "i64",
+            Kind::F32 => "f32",
+            Kind::F64 => "f64",
+            Kind::String { .. } => "string",
+        })
+    }
 }
 
 impl Kind {

@@ -75,6 +75,14 @@ pub(super) struct RawConfig {
     commands: Vec<Spanned<RawCommand>>,
     #[serde(default, rename = "stream")]
     streams: Vec<Spanned<RawStream>>,
+    api: Option<Spanned<RawApi>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    listen: Option<Spanned<String>>,
+    token: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -106,6 +114,7 @@ struct RawPlatform {
     topic_prefix: Option<Spanned<String>>,
     keep_alive: Option<Spanned<Dur>>,
     max_publish_rate: Option<Spanned<f64>>,
+    stats: Option<Spanned<Dur>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -327,6 +336,8 @@ const MAX_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_DELAY: Duration = Duration::from_secs(10);
 /// MQTT keep-alive is a 16-bit number of seconds.
 const MAX_KEEP_ALIVE: Duration = Duration::from_secs(65_535);
+/// `[platform] stats` at most once a day.
+const MAX_STATS: Duration = Duration::from_secs(86_400);
 
 /// A duration longer than 0 and at most `max`: every later computation on
 /// it (deadlines, backoff multiples) stays far from overflow.
@@ -495,6 +506,7 @@ impl RawConfig {
         }
 
         Ok(Config {
+            api: convert_api(self.api)?,
             gateway,
             platform,
             buffer,
@@ -614,7 +626,64 @@ fn convert_platform(raw: Spanned<RawPlatform>, gateway_id: &str) -> Result<Platf
             None => Duration::from_secs(60),
         },
         max_publish_rate,
+        stats: match &raw.stats {
+            Some(d) if d.get_ref().0.is_zero() => None,
+            Some(d) => Some(positive(d, "stats", MAX_STATS)?),
+            None => None,
+        },
     })
+}
+
+/// `[api]`: where the local API listens, and its token. A listen address
+/// beyond loopback without a token would open writes to the network.
+fn convert_api(raw: Option<Spanned<RawApi>>) -> Result<Api> {
+    let Some(raw) = raw else {
+        return Ok(Api::default());
+    };
+    let span = raw.span();
+    let raw = raw.into_inner();
+    let token = match raw.token {
+        Some(t) if t.get_ref().trim().is_empty() => {
+            return violation(t.span(), "token must not be empty (leave it out for none)")
+        }
+        // It travels in an HTTP header and the console's cookie.
+        Some(t)
+            if !t
+                .get_ref()
+                .chars()
+                .all(|c| c.is_ascii_graphic() && !matches!(c, ';' | ',' | '"' | '\\')) =>
+        {
+            return violation(
+                t.span(),
+                "token may use printable ASCII except ; , \" and \\ (no spaces)",
+            )
+        }
+        Some(t) => Some(t.into_inner()),
+        None => None,
+    };
+    let listen = match &raw.listen {
+        Some(l) if l.get_ref().is_empty() => None,
+        Some(l) => Some(l.get_ref().parse::<SocketAddr>().or_else(|_| {
+            violation(
+                l.span(),
+                format!(
+                    "listen {:?} is not an address:port (e.g. \"127.0.0.1:8480\"; \"\" turns the API off)",
+                    l.get_ref()
+                ),
+            )
+        })?),
+        None => Some(Api::default_listen()),
+    };
+    if let Some(listen) = listen {
+        if !listen.ip().is_loopback() && token.is_none() {
+            let at = raw.listen.as_ref().map_or(span, Spanned::span);
+            return violation(
+                at,
+                format!("the API listens on {listen}, beyond loopback: set [api] token, or listen on 127.0.0.1 and use an SSH tunnel"),
+            );
+        }
+    }
+    Ok(Api { listen, token })
 }
 
 /// `registration`/`heartbeat` text: bytes as written, or `hex:0A0B…`.

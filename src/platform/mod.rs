@@ -9,7 +9,6 @@ pub mod profile;
 pub mod publisher;
 mod response;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant as StdInstant};
 
@@ -21,6 +20,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{sleep, sleep_until, Instant};
 
 use crate::config::{Platform, Profile};
+use crate::live::UplinkStats;
 use crate::outbox::Outbox;
 use crate::router::Incoming;
 use crate::text::quote;
@@ -159,7 +159,7 @@ pub async fn run(
     platform: &Platform,
     outbox: Outbox,
     downlink: Option<mpsc::Sender<Incoming>>,
-    connected_flag: Arc<AtomicBool>,
+    uplink: Arc<UplinkStats>,
     budget: watch::Receiver<Option<budget::Budget>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -200,7 +200,7 @@ pub async fn run(
                     log::info!(target: "platform", "connected to the broker");
                     last_error = None;
                     publisher.connected();
-                    connected_flag.store(true, Ordering::Relaxed);
+                    uplink.up();
                     if let Some(topic) = &status {
                         publisher.untracked();
                         let _ = client.try_publish(topic, QoS::AtLeastOnce, true, "online");
@@ -225,14 +225,17 @@ pub async fn run(
                     }
                 }
                 Ok(Event::Outgoing(MqttOutgoing::Publish(pkid))) => publisher.assigned(pkid),
-                Ok(Event::Incoming(Packet::PubAck(ack))) => acks.add(publisher.acked(ack.pkid), &outbox),
+                Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                    uplink.published();
+                    acks.add(publisher.acked(ack.pkid), &outbox);
+                }
                 Ok(_) => {}
                 Err(e) => {
                     acks.send(&outbox);
                     // rumqttc would resend its own copies; the outbox resends
                     // everything unacknowledged instead, in order.
                     eventloop.pending.clear();
-                    connected_flag.store(false, Ordering::Relaxed);
+                    uplink.down(true);
                     if let Some(size) = oversized_incoming(&e) {
                         subscriptions.blame(size);
                     }
@@ -291,7 +294,7 @@ pub async fn run(
             () = outbox.appended(), if publisher.phase() != Phase::BackingOff => publisher.appended(),
         }
     }
-    connected_flag.store(false, Ordering::Relaxed);
+    uplink.down(false);
     acks.send(&outbox);
     if let Some(topic) = status {
         let _ = client.try_publish(topic, QoS::AtLeastOnce, true, "offline");

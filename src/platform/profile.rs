@@ -113,7 +113,8 @@ pub fn message(profile: &Profile, records: &[Record]) -> Option<Message> {
             json!({ "ts": first.taken_ms, "values": values }),
         ),
         (Body::Presence { key, online }, None) => return Some(presence(key, *online)),
-        (Body::Presence { .. }, Some(_)) => return None,
+        (Body::Presence { .. }, Some(_)) | (Body::Stats { .. }, None) => return None,
+        (Body::Stats { status }, Some(prefix)) => (format!("{prefix}/stats"), json!(status)),
         (Body::Event { id, method, params }, None) => (
             format!("event/report/{id}"),
             json!({ "method": method, "params": params }),

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use super::plan::{self, Block};
 use super::task::DeviceStatus;
-use super::{backoff_interval, PollResult};
+use super::{backoff_interval, PointRead, PollResult};
 use crate::codec::Value;
 use crate::config::{Device, Report};
 use crate::modbus::{ExceptionCode, TxError};
@@ -32,11 +32,14 @@ pub(super) struct DeviceState {
     /// Last value reported per point (report = "change").
     reported: HashMap<usize, Value>,
     last_full: Option<Instant>,
+    /// The last good read of each point, by point index.
+    last: Vec<Option<PointRead>>,
 }
 
 impl DeviceState {
     pub(super) fn new(device: Device, blocks: Vec<Block>, start: Instant) -> Self {
         Self {
+            last: vec![None; device.points.len()],
             block_state: vec![None; blocks.len()],
             device,
             blocks,
@@ -221,6 +224,16 @@ impl DeviceState {
         }
     }
 
+    /// Keeps the points that `result` read as the device's last values.
+    pub(super) fn remember(&mut self, result: &PollResult, taken: SystemTime) {
+        let reads = result.points(&self.device.points, &self.blocks, ms_since_epoch(taken));
+        for (slot, read) in self.last.iter_mut().zip(reads) {
+            if let Some(read) = read.filter(|r| r.error.is_none()) {
+                *slot = Some(read);
+            }
+        }
+    }
+
     /// What the rest of the daemon may know of this device.
     pub(super) fn status(&self) -> DeviceStatus {
         DeviceStatus {
@@ -228,6 +241,7 @@ impl DeviceState {
             online: self.polled.then_some(self.offline.is_none()),
             last_ok_ms: self.last_ok.map(ms_since_epoch),
             failures: self.failures,
+            values: self.last.iter().flatten().cloned().collect(),
         }
     }
 

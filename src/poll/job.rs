@@ -10,7 +10,8 @@ use std::time::{Duration, SystemTime};
 use serde_json::{json, Map, Value as Json};
 use tokio::sync::oneshot;
 
-use super::{plan, read_device};
+use super::scan::Probe;
+use super::{plan, read_device, PointRead};
 use crate::bus::Bus;
 use crate::codec::{self, Value};
 use crate::config::{Address, Area, Device, Encoding, Kind, Point, UnitId};
@@ -97,6 +98,10 @@ impl StreamReply {
 /// The outcome of a write for a local caller: the read-back, if it worked.
 pub type WriteOutcome = Result<Option<Reading>, String>;
 
+/// The outcome of a read for a local caller: every point as read, in
+/// config order, or why the read was not made.
+pub type ReadOutcome = Result<Vec<PointRead>, String>;
+
 /// One piece of work for a bus owner.
 #[derive(Debug)]
 pub enum Job {
@@ -122,6 +127,16 @@ pub enum Job {
     },
     /// Raw bytes for a transparent bus.
     Exchange { bytes: Vec<u8>, stream: StreamReply },
+    /// A local read of `device`'s points (the API, the CLI through it).
+    Read {
+        device: Device,
+        reply: oneshot::Sender<ReadOutcome>,
+    },
+    /// One scan probe: a read of holding register 0 of `unit`, one attempt.
+    Probe {
+        unit: UnitId,
+        reply: oneshot::Sender<Probe>,
+    },
 }
 
 impl Job {
@@ -130,7 +145,8 @@ impl Job {
         match self {
             Job::Write { plan, .. } => Some(&plan.device.name),
             Job::Command { plans, .. } => plans.first().map(|p| p.device.name.as_str()),
-            Job::Frame { .. } | Job::Exchange { .. } => None,
+            // A read is how a technician finds out whether it is back.
+            Job::Frame { .. } | Job::Exchange { .. } | Job::Read { .. } | Job::Probe { .. } => None,
         }
     }
 
@@ -139,7 +155,9 @@ impl Job {
         let plans: &[WritePlan] = match self {
             Job::Write { plan, .. } => std::slice::from_ref(plan),
             Job::Command { plans, .. } => plans,
-            Job::Frame { .. } | Job::Exchange { .. } => return None,
+            Job::Frame { .. } | Job::Exchange { .. } | Job::Read { .. } | Job::Probe { .. } => {
+                return None
+            }
         };
         let device = plans.first()?.device.name.clone();
         let points = plans
@@ -166,6 +184,15 @@ impl Job {
             Job::Command { reply, .. } => vec![reply.record(Err(format!("not run: {reason}")))],
             Job::Frame { stream, .. } | Job::Exchange { stream, .. } => {
                 vec![stream.record(Err(format!("not sent: {reason}")))]
+            }
+            Job::Read { reply, .. } => {
+                let _ = reply.send(Err(format!("not read: {reason}")));
+                Vec::new()
+            }
+            Job::Probe { unit, reply } => {
+                let failed = Err(TxError::Port(format!("not probed: {reason}")));
+                let _ = reply.send(Probe::new(unit, failed));
+                Vec::new()
             }
         }
     }
@@ -247,8 +274,40 @@ impl Job {
             Job::Exchange { bytes, stream } => {
                 vec![stream.record(bus.exchange(&bytes).await.map_err(|e| e.to_string()))]
             }
+            Job::Read { device, reply } => {
+                let _ = reply.send(Ok(read_points(bus, &device).await));
+                Vec::new()
+            }
+            Job::Probe { unit, reply } => {
+                let _ = reply.send(probe(bus, unit).await);
+                Vec::new()
+            }
         }
     }
+}
+
+/// One scan probe of `unit`: holding register 0, one attempt within the bus
+/// timeout.
+pub async fn probe(bus: &mut Bus, unit: UnitId) -> Probe {
+    let request = Request::ReadHolding(0, 1);
+    let limit = bus.config().timeout;
+    Probe::new(unit, bus.attempt(unit, &request, limit).await.outcome)
+}
+
+/// Reads every point of `device` once: each as read, or why not.
+pub async fn read_points(bus: &mut Bus, device: &Device) -> Vec<PointRead> {
+    let blocks = plan::plan(&device.points, bus.config());
+    let taken = SystemTime::now();
+    let result = read_device(bus, device, &blocks).await;
+    result
+        .points(
+            &device.points,
+            &blocks,
+            crate::record::ms_since_epoch(taken),
+        )
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 fn write_failed(device: &str, error: &str) -> Record {

@@ -8,9 +8,13 @@
 mod device;
 pub mod job;
 pub mod plan;
+pub mod scan;
 mod task;
 
 use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value as Json;
 
 use crate::bus::Bus;
 use crate::codec::{self, Value};
@@ -49,6 +53,44 @@ impl PollResult {
             .all(|r| matches!(r, Err(e) if !matches!(e, TxError::Exception(_))))
     }
 
+    /// Every point as read (or why not), by point index: what `read`, the
+    /// local API and the console show. `ts_ms` is when the reads started.
+    pub fn points(&self, points: &[Point], blocks: &[Block], ts_ms: u64) -> Vec<Option<PointRead>> {
+        let values = self.values(points, blocks);
+        let mut out = vec![None; points.len()];
+        for (block, reply) in blocks.iter().zip(&self.replies) {
+            for &i in &block.points {
+                let Some(point) = points.get(i) else { continue };
+                let mut read = PointRead {
+                    name: point.name.clone(),
+                    value: None,
+                    raw: None,
+                    unit: point.unit.clone(),
+                    ts_ms,
+                    error: None,
+                };
+                match reply {
+                    Ok(reply) => {
+                        read.raw = raw_of(point, block, reply).map(|raw| match raw {
+                            Raw::Bit(b) => Json::from(vec![b]),
+                            Raw::Registers(regs) => Json::from(regs.to_vec()),
+                        });
+                        let value = values.get(i).and_then(Option::as_ref);
+                        read.value = value.and_then(Value::to_json);
+                        if let (Some(value), None) = (value, &read.value) {
+                            read.error = Some(format!("{value} has no JSON form"));
+                        }
+                    }
+                    Err(e) => read.error = Some(e.to_string()),
+                }
+                if let Some(slot) = out.get_mut(i) {
+                    *slot = Some(read);
+                }
+            }
+        }
+        out
+    }
+
     /// Decoded values by point index; `None` where the block failed.
     pub fn values(&self, points: &[Point], blocks: &[Block]) -> Vec<Option<Value>> {
         let mut out = vec![None; points.len()];
@@ -66,6 +108,19 @@ impl PollResult {
         }
         out
     }
+}
+
+/// One point as read: the value (JSON form), the raw registers or bits, the
+/// engineering unit, when, or the error that kept it from being read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PointRead {
+    pub name: String,
+    pub value: Option<Json>,
+    pub raw: Option<Json>,
+    pub unit: Option<String>,
+    pub ts_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// The part of a block's reply that belongs to one point.

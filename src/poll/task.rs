@@ -6,6 +6,7 @@
 //! record it produces — readings, events, job outcomes — is appended to the
 //! outbox in the order that matches what happened on the wire.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, watch};
@@ -14,6 +15,7 @@ use tokio::time::{sleep_until, Instant};
 use super::device::DeviceState;
 use super::job::Job;
 use super::{plan, PollResult};
+use crate::bus::tap::{BusStats, ModbusMetrics};
 use crate::bus::{Bus, Liveness};
 use crate::config::Device;
 use crate::outbox::Outbox;
@@ -38,6 +40,8 @@ pub struct DeviceStatus {
     pub last_ok_ms: Option<u64>,
     /// Consecutive polls without any answer.
     pub failures: u32,
+    /// The last good read of each point, in config order.
+    pub values: Vec<super::PointRead>,
 }
 
 /// What the rest of the daemon holds of a running bus owner.
@@ -46,6 +50,7 @@ pub struct BusHandle {
     pub jobs: mpsc::Sender<Job>,
     pub alive: Liveness,
     pub devices: watch::Receiver<Vec<DeviceStatus>>,
+    pub stats: Arc<BusStats>,
 }
 
 /// The task that owns one bus.
@@ -59,9 +64,24 @@ pub struct BusTask {
 }
 
 impl BusTask {
-    /// The owner of `bus`, polling `devices` and appending to `outbox`;
-    /// returns it with the handle that sends it jobs.
-    pub fn new(bus: Bus, devices: Vec<Device>, outbox: Outbox) -> (Self, BusHandle) {
+    /// The owner of `bus`, polling `devices` and appending to `outbox`,
+    /// counting its transactions in `metrics`; returns it with the handle
+    /// that sends it jobs.
+    pub fn new(
+        mut bus: Bus,
+        devices: Vec<Device>,
+        outbox: Outbox,
+        metrics: &ModbusMetrics,
+    ) -> (Self, BusHandle) {
+        let units: Vec<_> = devices.iter().map(|d| (d.unit, d.name.clone())).collect();
+        let config = bus.config();
+        let stats = Arc::new(BusStats::new(
+            &config.name,
+            config.transport.name(),
+            &units,
+            metrics,
+        ));
+        bus.observed_by(stats.clone());
         let (job_tx, jobs) = mpsc::channel(JOB_QUEUE);
         let start = Instant::now();
         let devices: Vec<DeviceState> = devices
@@ -77,6 +97,7 @@ impl BusTask {
             jobs: job_tx,
             alive: alive.clone(),
             devices: status_rx,
+            stats,
         };
         let task = Self {
             bus,
@@ -201,6 +222,7 @@ impl BusTask {
                     }
                 }
                 let events = state.record(&result);
+                state.remember(&result, taken);
                 state.replan(&result);
                 let reading = state.report(values, taken, now);
                 state.schedule_next(now);

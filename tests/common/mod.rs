@@ -277,7 +277,10 @@ impl Drop for Gateway {
     }
 }
 
-/// The `[gateway]`, `[platform]` and `[[bus]]` sections for a test.
+/// The `[gateway]`, `[platform]`, `[api]` (off: tests that want the API
+/// replace [`API_OFF`]) and `[[bus]]` sections for a test.
+pub const API_OFF: &str = "[api]\nlisten = \"\"\n";
+
 pub fn header(broker_port: u16, pty: &Path, bus_extra: &str) -> String {
     let timeout = if bus_extra.contains("timeout") {
         ""
@@ -296,6 +299,9 @@ port = {broker_port}
 access_token = "token"
 project_key = "key"
 max_publish_rate = 0
+
+[api]
+listen = ""
 
 [[bus]]
 name = "line"
@@ -337,10 +343,21 @@ pub struct Rig {
 
 impl Rig {
     pub async fn start(slaves: &Slaves, bus_extra: &str, devices: &str) -> Self {
+        Self::start_with_api(slaves, bus_extra, devices, API_OFF).await
+    }
+
+    /// The same with `api` as the `[api]` section.
+    pub async fn start_with_api(
+        slaves: &Slaves,
+        bus_extra: &str,
+        devices: &str,
+        api: &str,
+    ) -> Self {
         let pty = slaves.serve().expect("pty");
         let port = broker();
         let platform = Subscriber::connect(port).await;
-        let gw = Gateway::start(&(header(port, &pty.path, bus_extra) + devices));
+        let config = header(port, &pty.path, bus_extra).replace(API_OFF, api) + devices;
+        let gw = Gateway::start(&config);
         Self { platform, gw, pty }
     }
 

@@ -1,0 +1,84 @@
+//! A scan: which unit ids answer on a bus. Each probe is one read of
+//! holding register 0 without retries, run by the bus owner as a job (so a
+//! scan through the daemon shares the bus with polling); an exception reply
+//! also proves that a slave is there. `scan` on the command line and the
+//! local API tell the answers the same way.
+
+use std::ops::RangeInclusive;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::UnitId;
+use crate::modbus::{Reply, TxError};
+
+/// Parses `A-B` (or a single id) within 1..247.
+pub fn parse_units(text: &str) -> Result<RangeInclusive<u8>, String> {
+    let (a, b) = text.split_once('-').unwrap_or((text, text));
+    let parse = |s: &str| {
+        s.trim()
+            .parse::<u8>()
+            .ok()
+            .filter(|u| UnitId::new(*u).is_some())
+            .ok_or_else(|| format!("{} is not a unit id (1..247)", crate::text::quote(s)))
+    };
+    let (a, b) = (parse(a)?, parse(b)?);
+    if a > b {
+        return Err(format!("empty range {a}-{b}"));
+    }
+    Ok(a..=b)
+}
+
+/// What one probe found.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "answer", rename_all = "snake_case")]
+pub enum Answer {
+    /// A slave answered with holding register 0.
+    Registers { registers: Vec<u16> },
+    /// A slave answered with an exception (register 0 not readable).
+    Exception { code: u8 },
+    /// Bytes came that are no reply: probably wrong baud or parity.
+    Garbled { error: String },
+    /// Nothing answered.
+    Silent,
+    /// The bus itself failed; the scan stops.
+    Disconnected { error: String },
+}
+
+/// One unit id and what its probe found.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Probe {
+    pub unit: u8,
+    #[serde(flatten)]
+    pub answer: Answer,
+}
+
+impl Probe {
+    pub fn new(unit: UnitId, outcome: Result<Reply, TxError>) -> Self {
+        let answer = match outcome {
+            Ok(Reply::Registers(registers)) => Answer::Registers { registers },
+            Ok(_) => Answer::Registers {
+                registers: Vec::new(),
+            },
+            Err(TxError::Exception(code)) => Answer::Exception {
+                code: u8::from(code),
+            },
+            Err(e @ (TxError::Garbled(_) | TxError::Crc)) => Answer::Garbled {
+                error: e.to_string(),
+            },
+            Err(TxError::Timeout(_)) => Answer::Silent,
+            Err(TxError::Port(error)) => Answer::Disconnected { error },
+        };
+        Self {
+            unit: unit.get(),
+            answer,
+        }
+    }
+
+    /// Whether a slave is there.
+    pub fn answers(&self) -> bool {
+        matches!(
+            self.answer,
+            Answer::Registers { .. } | Answer::Exception { .. }
+        )
+    }
+}
