@@ -53,6 +53,7 @@ sim_out=$(/usr/bin/fieldgate --config /etc/fieldgate/fieldgate.toml simulate 2>&
 set -e
 [ "$sim_rc" = 2 ] && grep -q 'leaves out the simulator' <<<"$sim_out" || fail "the packaged binary must leave out the simulator: exit $sim_rc: $sim_out"
 grep -q '^DeviceAllow=char-ttySC rw$' /usr/lib/systemd/system/fieldgate.service || fail "the unit does not allow SC16IS75x HATs (ttySC)"
+grep -qx 'RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX AF_NETLINK' /usr/lib/systemd/system/fieldgate.service || fail "the unit's address families changed: the local API needs AF_INET/AF_INET6 and nothing more"
 out=$(systemd-analyze verify /usr/lib/systemd/system/fieldgate.service 2>&1) || fail "systemd-analyze verify: $out"
 [ -z "$out" ] || fail "systemd-analyze verify: $out"
 if [ -d /run/systemd/system ]; then
@@ -76,5 +77,8 @@ bin=target/aarch64-unknown-linux-gnu/release/fieldgate
 file "$bin" 2>/dev/null || true
 qemu-aarch64 -L /usr/aarch64-linux-gnu "$bin" --version
 qemu-aarch64 -L /usr/aarch64-linux-gnu "$bin" --config config/fieldgate.toml check >/dev/null
-echo "aarch64 binary: $(stat -c %s "$bin") bytes"
+size=$(stat -c %s "$bin")
+echo "aarch64 binary: $size bytes"
+# The budget with the local API, stripped (SPEC: a Pi-class gateway).
+[ "$size" -le $((7 * 1000 * 1000)) ] || fail "the aarch64 binary is $size bytes, over the 7 MB budget"
 ls -l dist/

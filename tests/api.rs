@@ -772,3 +772,63 @@ async fn stats_publish_the_gateways_health() {
     assert_eq!(stats["devices"].as_array().unwrap().len(), 2);
     assert!(stats["uplink"]["connected"].as_bool().unwrap());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_nobody_reads_loses_events_not_bus_time() {
+    let slaves = slaves();
+    let fast = device(
+        "fast",
+        3,
+        "5ms",
+        "",
+        &[("f", "area = \"holding\"\naddress = 0\ntype = \"u16\"")],
+    );
+    slaves.unit(3, |u| u.set_registers(Area::Holding, 0, &[1]));
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let api = format!("[api]\nlisten = \"{addr}\"\n");
+    let rig = Rig::start_with_api(&slaves, "", &(devices() + &fast), &api).await;
+    api_up(addr, &rig.gw).await;
+    let requests = |status: &Value| status["buses"][0]["requests"].as_u64().unwrap();
+    let rate = |a: &Value, b: &Value, secs: f64| (requests(b) - requests(a)) as f64 / secs;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let t0 = get_json(addr, "/api/v1/status").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let t1 = get_json(addr, "/api/v1/status").await;
+    let alone = rate(&t0, &t1, 3.0);
+
+    // A trace client with a tiny receive window that never reads.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(2048).unwrap();
+    let mut stalled = socket.connect(addr).await.unwrap();
+    stalled
+        .write_all(format!("GET /api/v1/trace HTTP/1.1\r\nhost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let dropped = |text: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with("fieldgate_trace_dropped_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let start = Instant::now();
+    let t2 = get_json(addr, "/api/v1/status").await;
+    loop {
+        let (_, metrics) = http(addr, "GET", "/metrics", &[], "").await;
+        if dropped(&metrics) > 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no trace event was dropped for the stalled client:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let t3 = get_json(addr, "/api/v1/status").await;
+    let traced = rate(&t2, &t3, start.elapsed().as_secs_f64());
+    assert!(
+        traced > 0.8 * alone,
+        "polling slowed from {alone:.0} to {traced:.0} requests/s with a stalled trace"
+    );
+    drop(stalled);
+}

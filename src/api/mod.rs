@@ -33,6 +33,10 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const REBIND_EVERY: Duration = Duration::from_secs(30);
 /// Largest request head read.
 const MAX_HEAD: usize = 16 * 1024;
+/// The kernel's send buffer per connection (it doubles it), instead of
+/// autotuning up to megabytes: a trace client that stops reading holds
+/// little memory and starts losing events (counted) within seconds.
+const SEND_BUFFER: usize = 64 * 1024;
 
 /// Serves the API on `api.listen` until `shutdown`.
 pub async fn serve(api: Api, live: Arc<Live>, mut shutdown: watch::Receiver<bool>) {
@@ -81,6 +85,11 @@ pub async fn serve(api: Api, live: Arc<Live>, mut shutdown: watch::Receiver<bool
         tokio::spawn(async move {
             let _slot = slot;
             let _ = stream.set_nodelay(true);
+            let _ = nix::sys::socket::setsockopt(
+                &stream,
+                nix::sys::socket::sockopt::SndBuf,
+                &SEND_BUFFER,
+            );
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)

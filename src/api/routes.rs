@@ -332,20 +332,17 @@ async fn trace(
             format!("no running bus {}", quote(name)),
         ));
     }
+    // Only the receivers: when a reload replaces a bus, its trace ends.
     let streams = buses.into_iter().map(|bus| {
-        let stats = bus.stats.clone();
-        let events = stats.watch();
-        stream::unfold((events, stats), |(mut events, stats)| async move {
+        stream::unfold(bus.stats.watch(), |mut events| async move {
             loop {
                 match events.recv().await {
                     Ok(event) => {
                         let data = serde_json::to_string(&*event).unwrap_or_default();
-                        return Some((
-                            Ok::<_, Infallible>(Event::default().data(data)),
-                            (events, stats),
-                        ));
+                        return Some((Ok::<_, Infallible>(Event::default().data(data)), events));
                     }
-                    Err(broadcast::error::RecvError::Lagged(n)) => stats.lost(n),
+                    // Counted by the bus as they were evicted.
+                    Err(broadcast::error::RecvError::Lagged(_)) => {}
                     Err(broadcast::error::RecvError::Closed) => return None,
                 }
             }

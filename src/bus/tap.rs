@@ -135,7 +135,7 @@ pub struct BusStats {
     busy_ns: AtomicU64,
     busy: Mutex<Busy>,
     trace: broadcast::Sender<Arc<TraceEvent>>,
-    /// Trace events a slow watcher missed.
+    /// Trace events evicted before a slow watcher saw them.
     trace_lost: AtomicU64,
     units: Vec<UnitMetrics>,
     /// Metrics of unit ids no device uses (scans, raw frames), labelled
@@ -266,17 +266,16 @@ impl BusStats {
                 Some(e) => e.kind().to_string(),
             },
         };
+        // A full queue means this event evicts one a watcher has not seen.
+        if self.trace.len() >= TRACE_BUFFER {
+            self.trace_lost.fetch_add(1, Ordering::Relaxed);
+        }
         let _ = self.trace.send(Arc::new(event));
     }
 
     /// A new trace watcher.
     pub fn watch(&self) -> broadcast::Receiver<Arc<TraceEvent>> {
         self.trace.subscribe()
-    }
-
-    /// Counts trace events a watcher missed.
-    pub fn lost(&self, n: u64) {
-        self.trace_lost.fetch_add(n, Ordering::Relaxed);
     }
 
     pub fn trace_lost(&self) -> u64 {

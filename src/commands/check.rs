@@ -34,6 +34,18 @@ pub fn report(config: &Config, source: &str) -> (String, usize) {
     if config.platform.is_none() {
         out += "note: no [platform] section: `read`, `scan` and `simulate` work, `run` does not\n";
     }
+    out += &match (config.api.listen, &config.api.token) {
+        (None, _) => "local API: off\n".to_string(),
+        (Some(listen), None) => format!(
+            "local API and console: http://{listen}/ (no token: open to local users, writes included)\n"
+        ),
+        (Some(listen), Some(_)) if listen.ip().is_loopback() => format!(
+            "local API and console: http://{listen}/ (writes need the token)\n"
+        ),
+        (Some(listen), Some(_)) => format!(
+            "local API and console: http://{listen}/ (every request needs the token)\n"
+        ),
+    };
     for bus in &config.buses {
         let place = match &bus.transport {
             Transport::Serial => format!("on {} at {}", bus.port, line_settings(bus)),

@@ -309,4 +309,57 @@ type = "u16"
         let c = load(&path).unwrap();
         assert!(!c.devices.is_empty());
     }
+
+    #[test]
+    fn the_api_section_is_checked() {
+        let api = |body: &str| format!("[api]\n{body}\n{MINIMAL}");
+        let ok = parse(Path::new("t.toml"), MINIMAL).unwrap();
+        assert_eq!(ok.api, Api::default());
+        assert_eq!(
+            ok.api.listen.map(|a| a.to_string()).as_deref(),
+            Some("127.0.0.1:8480")
+        );
+        let off = parse(Path::new("t.toml"), &api("listen = \"\"")).unwrap();
+        assert_eq!(off.api.listen, None);
+        let v6 = parse(Path::new("t.toml"), &api("listen = \"[::1]:9000\"")).unwrap();
+        assert_eq!(v6.api.token, None);
+        // Beyond loopback without a token: an error at the listen value.
+        let e = error_of(&api("listen = \"0.0.0.0:8480\""));
+        assert_eq!((e.line, e.column), (2, 10));
+        assert!(e.message.contains("set [api] token"), "{}", e.message);
+        parse(
+            Path::new("t.toml"),
+            &api("listen = \"0.0.0.0:8480\"\ntoken = \"a-long-token\""),
+        )
+        .unwrap();
+        for (body, expect) in [
+            ("listen = \"localhost\"", "not an address:port"),
+            ("token = \"\"", "must not be empty"),
+            ("token = \"two words\"", "no spaces"),
+            ("token = \"semi;colon\"", "printable ASCII"),
+            ("port = 1", "unknown field"),
+        ] {
+            let e = error_of(&api(body));
+            assert!(e.message.contains(expect), "{body}: {}", e.message);
+            assert_eq!(e.line, 2, "{body}");
+        }
+    }
+
+    #[test]
+    fn stats_is_a_duration_and_zero_turns_it_off() {
+        let platform = |stats: &str| {
+            format!("{MINIMAL}\n[platform]\nhost = \"h\"\naccess_token = \"a\"\nproject_key = \"k\"\nstats = \"{stats}\"\n")
+        };
+        let on = parse(Path::new("t.toml"), &platform("60s")).unwrap();
+        assert_eq!(
+            on.platform.and_then(|p| p.stats),
+            Some(std::time::Duration::from_secs(60))
+        );
+        let off = parse(Path::new("t.toml"), &platform("0s")).unwrap();
+        assert_eq!(off.platform.and_then(|p| p.stats), None);
+        let e = error_of(&platform("often"));
+        assert!(e.message.contains("invalid duration"), "{}", e.message);
+        let e = error_of(&platform("2d"));
+        assert!(e.message.contains("stats"), "{}", e.message);
+    }
 }

@@ -4,7 +4,8 @@
 The slave is pymodbus (PyPI) on one end of a socat pty pair, the broker is
 mosquitto (Debian). Register contents and expected values are computed here
 with Python's `struct`, never with fieldgate's encoder. Checks both MQTT
-profiles and `fieldgate read`.
+profiles and `fieldgate read`; the local API's `/metrics` goes through
+Python's Prometheus parser and the console through Chromium (console.py).
 
 Usage: interop.py PATH-TO-FIELDGATE-BINARY
 """
@@ -21,11 +22,15 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 
 import paho.mqtt.client as mqtt
+from prometheus_client.parser import text_string_to_metric_families
 from pymodbus import FramerType
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
+
+import console
 
 FIELDGATE = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else "target/debug/fieldgate")
 RESULTS = {"passed": 0, "failed": 0}
@@ -325,6 +330,7 @@ key = "pump-001"
         platform.stop()
     downlink(work, base, profiles["thingscloud"])
     tcp_reach(work, profiles["thingscloud"])
+    local_api(work, base, profiles["thingscloud"])
     print(f"{RESULTS['passed']} passed, {RESULTS['failed']} failed")
     return 1 if RESULTS["failed"] else 0
 
@@ -503,6 +509,95 @@ encoding = "hex"
     except subprocess.TimeoutExpired:
         gateway.kill()
     platform.stop()
+
+
+def local_api(work, base, platform_toml):
+    """The local API against pymodbus: `/metrics` through Python's own
+    Prometheus parser, trace frames checked here (CRC, registers), the CLI
+    reading through the running daemon, and the console in Chromium."""
+    api_port = free_port()
+    config = f"{work}/api.toml"
+    with open(config, "w") as f:
+        f.write(platform_toml + base + f'\n[api]\nlisten = "127.0.0.1:{api_port}"\n')
+    platform = Platform(mqtt_port_of(platform_toml), client_id="interop-api")
+    gateway = run_gateway(config, f"{work}/api.log")
+    url = f"http://127.0.0.1:{api_port}"
+    try:
+        status = None
+        for _ in range(100):
+            try:
+                with urllib.request.urlopen(f"{url}/api/v1/status", timeout=2) as r:
+                    status = json.load(r)
+                if all(d["online"] for d in status["devices"]):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        check("api: status answers with both devices online",
+              status is not None and [d["online"] for d in status["devices"]] == [True, True], status)
+        time.sleep(1.5)
+        with urllib.request.urlopen(f"{url}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        for name, kind in [("fieldgate_modbus_requests", "counter"), ("fieldgate_modbus_request_seconds", "histogram"),
+                           ("fieldgate_bus_busy_ratio", "gauge"), ("fieldgate_device_online", "gauge"),
+                           ("fieldgate_outbox_messages", "gauge"), ("fieldgate_outbox_bytes", "gauge"),
+                           ("fieldgate_outbox_dropped", "counter"), ("fieldgate_mqtt_connected", "gauge"),
+                           ("fieldgate_mqtt_published", "counter"), ("fieldgate_uptime_seconds", "gauge")]:
+            family = families.get(name)
+            check(f"metrics: {name} is a {kind}", family is not None and family.type == kind,
+                  family.type if family else sorted(families))
+        samples = [s for f in families.values() for s in f.samples]
+        ok = sum(s.value for s in samples if s.name == "fieldgate_modbus_requests_total"
+                 and s.labels.get("device") == "pump" and s.labels.get("outcome") == "ok")
+        check("metrics: pump's ok requests counted", ok > 0, ok)
+        online = {s.labels["device"]: s.value for s in samples if s.name == "fieldgate_device_online"}
+        check("metrics: both devices online", online == {"meter": 1.0, "pump": 1.0}, online)
+        count = [s.value for s in samples if s.name == "fieldgate_modbus_request_seconds_count"
+                 and s.labels.get("device") == "pump"]
+        inf = [s.value for s in samples if s.name == "fieldgate_modbus_request_seconds_bucket"
+               and s.labels.get("device") == "pump" and s.labels.get("le") == "+Inf"]
+        check("metrics: the histogram's +Inf bucket equals its count", count and count == inf, (count, inf))
+        connected = [s.value for s in samples if s.name == "fieldgate_mqtt_connected"]
+        check("metrics: connected to mosquitto", connected == [1.0], connected)
+
+        # The trace: pymodbus' replies to the pump's reads, as on the wire.
+        events = []
+        with urllib.request.urlopen(f"{url}/api/v1/trace", timeout=10) as r:
+            while len(events) < 40:
+                line = r.readline().decode().strip()
+                if line.startswith("data:"):
+                    events.append(json.loads(line[5:]))
+        pump = [e for e in events if e["unit"] == 2 and e["fc"] == 3 and e["outcome"] == "ok"]
+        check("trace: the pump's holding reads are traced", pump, events[:3])
+        for e in pump[:1]:
+            response = bytes.fromhex(e["response"].replace(" ", ""))
+            check("trace: the response has pymodbus' valid CRC",
+                  crc16(response[:-2]) == response[-2:], e["response"])
+            request = bytes.fromhex(e["request"].replace(" ", ""))
+            start, count = struct.unpack(">HH", request[2:6])
+            regs = struct.unpack(f">{count}H", response[3:3 + 2 * count])
+            want = {0: 1500}
+            check("trace: the registers are pymodbus' (level 1500)", start != 0 or regs[0] == want[0], (start, regs))
+
+        out = subprocess.run([FIELDGATE, "--config", config, "read", "pump"],
+                             capture_output=True, text=True, timeout=30)
+        check("api: `read` through the running daemon shows 1500 and 50.5",
+              out.returncode == 0 and "1500" in out.stdout and "50.5" in out.stdout, out.stdout + out.stderr)
+
+        console.check_console(check, f"{url}/", ["meter", "pump"], "level 1500",
+                              os.environ.get("FIELDGATE_ARTIFACTS", "target/ci-artifacts"))
+    finally:
+        gateway.send_signal(signal.SIGTERM)
+        try:
+            gateway.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            gateway.kill()
+        platform.stop()
+
+
+def mqtt_port_of(platform_toml):
+    return int(platform_toml.split("port = ")[1].split()[0])
 
 
 if __name__ == "__main__":
