@@ -538,6 +538,19 @@ async fn trace_events_are_the_frames_on_the_wire() {
 async fn hostile_clients_do_not_slow_reports_or_the_daemon() {
     let slaves = slaves();
     let (rig, addr) = start(&slaves, "").await;
+    // A body that trickles in is cut off (408) instead of holding a slot.
+    let trickle = tokio::spawn(async move {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("POST /api/v1/devices/meter/write HTTP/1.1\r\nhost: {addr}\r\ncontent-length: 100\r\n\r\n{{\"setpoint\"").as_bytes())
+            .await
+            .unwrap();
+        let mut answer = vec![0u8; 128];
+        let n = tokio::time::timeout(Duration::from_secs(15), s.read(&mut answer))
+            .await
+            .expect("the server waited more than 15 s for a body")
+            .unwrap();
+        String::from_utf8_lossy(&answer[..n]).into_owned()
+    });
     // A 1 MiB body is refused; so is one sent without a length.
     let mut big = TcpStream::connect(addr).await.unwrap();
     big.write_all(
@@ -598,6 +611,9 @@ async fn hostile_clients_do_not_slow_reports_or_the_daemon() {
         }
     }
     get_json(addr, "/api/v1/status").await;
+    let answer = trickle.await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert_eq!(writes(&slaves), 0);
     assert!(rig.gw.log_lines("panicked").is_empty());
 }
 

@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, StatusCode};
+use axum::middleware::Next;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -29,6 +30,8 @@ use crate::text::quote;
 
 /// Largest request body.
 const MAX_BODY: usize = 64 * 1024;
+/// A request body must arrive within this.
+const BODY_WAIT: Duration = Duration::from_secs(10);
 /// Longest a read or write waits for its bus owner (a queue of jobs ahead,
 /// each bounded by timeouts and retries).
 const JOB_WAIT: Duration = Duration::from_secs(60);
@@ -62,12 +65,46 @@ pub(super) fn router(live: Arc<Live>, token: Option<String>, loopback: bool) -> 
         .route("/api/v1/trace", get(trace))
         .route("/metrics", get(metrics))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint".into()) })
+        .layer(axum::middleware::from_fn(buffered))
         .layer(axum::middleware::from_fn_with_state(
             app.clone(),
             auth::check,
         ))
-        .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(app)
+}
+
+/// Takes the whole body (at most [`MAX_BODY`], within [`BODY_WAIT`]) before
+/// a handler runs, after the access check: a client that trickles its body
+/// cannot hold a connection for long, nor a large one any memory.
+async fn buffered(request: Request, next: Next) -> Response {
+    let (parts, body) = request.into_parts();
+    match tokio::time::timeout(BODY_WAIT, axum::body::to_bytes(body, MAX_BODY)).await {
+        Ok(Ok(bytes)) => {
+            next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+                .await
+        }
+        Ok(Err(e)) if too_large(&e) => error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is over {} KiB", MAX_BODY / 1024),
+        ),
+        Ok(Err(e)) => error(StatusCode::BAD_REQUEST, format!("reading the body: {e}")),
+        Err(_) => error(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("the body did not arrive within {}s", BODY_WAIT.as_secs()),
+        ),
+    }
+}
+
+/// Whether reading a body failed on the size limit.
+fn too_large(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(error) = source {
+        if error.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = error.source();
+    }
+    false
 }
 
 /// A JSON error answer: `{"error": reason}`.
@@ -118,16 +155,12 @@ fn no_device(name: &str) -> Refusal {
     Refusal(StatusCode::NOT_FOUND, format!("no device {}", quote(name)))
 }
 
-/// A request body: at most [`MAX_BODY`] (else `413`).
-type Body = Result<Bytes, axum::extract::rejection::BytesRejection>;
-
 /// The body as JSON of type `T`; empty is `T::default()`.
-fn body<T: for<'de> Deserialize<'de> + Default>(bytes: Body) -> Result<T, Refusal> {
-    let bytes = bytes.map_err(|e| Refusal(e.status(), e.body_text()))?;
+fn body<T: for<'de> Deserialize<'de> + Default>(bytes: &Bytes) -> Result<T, Refusal> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(&bytes).map_err(|e| {
+    serde_json::from_slice(bytes).map_err(|e| {
         Refusal(
             StatusCode::BAD_REQUEST,
             format!("the body is not valid JSON for this request: {e}"),
@@ -175,9 +208,9 @@ struct ReadBody {
 async fn read(
     State(app): State<App>,
     Path(name): Path<String>,
-    bytes: Body,
+    bytes: Bytes,
 ) -> Result<Response, Refusal> {
-    let request: ReadBody = body(bytes)?;
+    let request: ReadBody = body(&bytes)?;
     let field = app.live.field();
     if field.config.device(&name).is_none() {
         return Err(no_device(&name));
@@ -200,9 +233,9 @@ async fn read(
 async fn write(
     State(app): State<App>,
     Path(name): Path<String>,
-    bytes: Body,
+    bytes: Bytes,
 ) -> Result<Response, Refusal> {
-    let values: Map<String, JsonValue> = body(bytes)?;
+    let values: Map<String, JsonValue> = body(&bytes)?;
     let field = app.live.field();
     if field.config.device(&name).is_none() {
         return Err(no_device(&name));
@@ -268,9 +301,9 @@ fn all_units() -> String {
 async fn scan(
     State(app): State<App>,
     Path(name): Path<String>,
-    bytes: Body,
+    bytes: Bytes,
 ) -> Result<Response, Refusal> {
-    let request: ScanBody = body(bytes)?;
+    let request: ScanBody = body(&bytes)?;
     let invalid = |reason: String| Refusal(StatusCode::UNPROCESSABLE_ENTITY, reason);
     let units = parse_units(&request.units).map_err(invalid)?;
     if request.identify {
