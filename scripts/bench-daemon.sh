@@ -5,7 +5,8 @@
 # disk. Usage: scripts/bench-daemon.sh [SECONDS] [BAUD] [POLL] [MAP]
 # (FIELDGATE_BIN measures another build.) API=off runs without the local
 # API, API=idle (the default) with it and no client, API=load with a client
-# scraping /metrics every second and holding a trace open.
+# scraping /metrics every second and holding a trace open; API=none adds no
+# [api] section (for builds before it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 duration=${1:-600} baud=${2:-9600} poll=${3:-2s} map=${4:-config/bench-4x50.toml}
@@ -29,6 +30,7 @@ sed -e "s|^port = \"/dev/ttyUSB0\"|port = \"$pty\"|" -e "s/^port = 1883/port = $
 api=${API:-idle}
 api_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 case "$api" in
+    none) ;;
     off) printf '\n[api]\nlisten = ""\n' >> "$work/run.toml" ;;
     *) printf '\n[api]\nlisten = "127.0.0.1:%s"\n' "$api_port" >> "$work/run.toml" ;;
 esac
