@@ -130,6 +130,31 @@ fn widen(x: f32) -> f64 {
 }
 
 /// Decodes a register point from exactly `point.kind.width()` registers.
+/// The JSON form of `point`'s `value` as reported: a labelled number is
+/// its label (an unlisted number stays a number).
+pub fn present(point: &Point, value: &Value) -> Option<serde_json::Value> {
+    let number = match value {
+        Value::Int(i) => Some(*i),
+        Value::UInt(u) => i64::try_from(*u).ok(),
+        _ => None,
+    };
+    if let Some(n) = number {
+        if let Some((_, label)) = point.labels.iter().find(|(m, _)| *m == n) {
+            return Some(label.clone().into());
+        }
+    }
+    value.to_json()
+}
+
+/// The number a label stands for on `point`.
+pub fn label_number(point: &Point, label: &str) -> Option<i64> {
+    point
+        .labels
+        .iter()
+        .find(|(_, l)| l == label)
+        .map(|(n, _)| *n)
+}
+
 pub fn decode_registers(point: &Point, regs: &[u16]) -> Value {
     debug_assert_eq!(regs.len(), usize::from(point.kind.width()));
     let b = to_be_bytes(regs, point.order);
@@ -302,6 +327,8 @@ mod tests {
             min: None,
             max: None,
             deadband: 0.0,
+            labels: Vec::new(),
+            alarm: None,
         }
     }
 

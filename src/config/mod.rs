@@ -362,4 +362,68 @@ type = "u16"
         let e = error_of(&platform("2d"));
         assert!(e.message.contains("stats"), "{}", e.message);
     }
+
+    #[test]
+    fn labels_and_alarms_are_checked() {
+        let point =
+            |extra: &str| MINIMAL.replace("type = \"u16\"", &format!("type = \"u16\"\n{extra}"));
+        let ok = parse(
+            Path::new("t.toml"),
+            &point("labels = { 0 = \"off\", 1 = \"on\" }\nalarm = { above = 10.0, hysteresis = 1.0, after = \"5s\" }"),
+        )
+        .unwrap();
+        let p = &ok.devices[0].points[0];
+        assert_eq!(
+            p.labels,
+            vec![(0, "off".to_string()), (1, "on".to_string())]
+        );
+        assert_eq!(
+            p.alarm,
+            Some(Alarm::Range {
+                above: Some(10.0),
+                below: None,
+                hysteresis: 1.0,
+                after: std::time::Duration::from_secs(5)
+            })
+        );
+        for (extra, expect) in [
+            ("labels = { 0 = \"off\" }\nscale = 0.1", "integer point"),
+            ("labels = { x = \"off\" }", "not an integer"),
+            ("labels = { 0 = \"off\", 1 = \"off\" }", "twice"),
+            ("labels = { 0 = \"5\" }", "not a number"),
+            ("labels = {}", "empty"),
+            ("alarm = { when = true }", "for bool points"),
+            ("alarm = { hysteresis = 1.0 }", "needs above, below"),
+            ("alarm = { above = 1.0, below = 2.0 }", "greater than below"),
+            (
+                "alarm = { above = 10.0, below = 0.0, hysteresis = 5.0 }",
+                "less than half",
+            ),
+            ("alarm = { above = 1.0, hysteresis = -1.0 }", ">= 0"),
+            ("alarm = { above = 1.0, after = \"2d\" }", "at most 24h"),
+            ("alarm = { above = 1.0, later = 1 }", "unknown field"),
+        ] {
+            let e = error_of(&point(extra));
+            assert!(e.message.contains(expect), "{extra}: {}", e.message);
+        }
+        let coil = MINIMAL
+            .replace("area = \"input\"", "area = \"coil\"")
+            .replace("type = \"u16\"", "type = \"bool\"");
+        let e = error_of(&coil.replace(
+            "type = \"bool\"",
+            "type = \"bool\"\nalarm = { above = 1.0 }",
+        ));
+        assert!(e.message.contains("for number points"), "{}", e.message);
+        let e =
+            error_of(&coil.replace("type = \"bool\"", "type = \"bool\"\nlabels = { 0 = \"a\" }"));
+        assert!(e.message.contains("integer point"), "{}", e.message);
+        parse(
+            Path::new("t.toml"),
+            &coil.replace(
+                "type = \"bool\"",
+                "type = \"bool\"\nalarm = { when = false, after = \"0s\" }",
+            ),
+        )
+        .unwrap();
+    }
 }

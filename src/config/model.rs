@@ -433,6 +433,24 @@ pub struct Point {
     pub min: Option<f64>,
     pub max: Option<f64>,
     pub deadband: f64,
+    /// Integer points: the label reported for a number (writes take either).
+    pub labels: Vec<(i64, String)>,
+    pub alarm: Option<Alarm>,
+}
+
+/// When a point is in alarm (SPEC §3 `alarm`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Alarm {
+    /// A number outside `below..=above` for `after` raises; back inside by
+    /// `hysteresis` clears.
+    Range {
+        above: Option<f64>,
+        below: Option<f64>,
+        hysteresis: f64,
+        after: Duration,
+    },
+    /// A bool equal to `when` for `after` raises; the other value clears.
+    When { when: bool, after: Duration },
 }
 
 impl Point {

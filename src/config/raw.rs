@@ -257,6 +257,18 @@ struct RawPoint {
     min: Option<Spanned<f64>>,
     max: Option<Spanned<f64>>,
     deadband: Option<Spanned<f64>>,
+    labels: Option<Spanned<std::collections::BTreeMap<String, Spanned<String>>>>,
+    alarm: Option<Spanned<RawAlarm>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAlarm {
+    above: Option<Spanned<f64>>,
+    below: Option<Spanned<f64>>,
+    hysteresis: Option<Spanned<f64>>,
+    after: Option<Spanned<Dur>>,
+    when: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]
@@ -1162,6 +1174,15 @@ fn convert_point(raw: &Spanned<RawPoint>) -> Result<Point> {
             );
         }
     }
+    let labels = match &raw.labels {
+        Some(labels) => convert_labels(labels, kind, scale, offset)?,
+        None => Vec::new(),
+    };
+    let alarm = raw
+        .alarm
+        .as_ref()
+        .map(|a| convert_alarm(a, kind))
+        .transpose()?;
     Ok(Point {
         name,
         area,
@@ -1175,6 +1196,138 @@ fn convert_point(raw: &Spanned<RawPoint>) -> Result<Point> {
         min: raw.min.as_ref().map(|_| min),
         max: raw.max.as_ref().map(|_| max),
         deadband,
+        labels,
+        alarm,
+    })
+}
+
+/// `labels = { 0 = "stopped", 1 = "running" }`: integer points reported as
+/// integers (no scale or offset), each number and each label once.
+fn convert_labels(
+    raw: &Spanned<std::collections::BTreeMap<String, Spanned<String>>>,
+    kind: Kind,
+    scale: f64,
+    offset: f64,
+) -> Result<Vec<(i64, String)>> {
+    let integer = matches!(
+        kind,
+        Kind::U16 | Kind::I16 | Kind::U32 | Kind::I32 | Kind::U64 | Kind::I64
+    );
+    if !integer || scale != 1.0 || offset != 0.0 {
+        return violation(
+            raw.span(),
+            "labels name the values of an integer point (u16 … i64, without scale or offset)",
+        );
+    }
+    if raw.get_ref().is_empty() {
+        return violation(raw.span(), "labels is empty");
+    }
+    let mut out: Vec<(i64, String)> = Vec::new();
+    for (number, label) in raw.get_ref() {
+        let Ok(n) = number.trim().parse::<i64>() else {
+            return violation(
+                label.span(),
+                format!("label key {number:?} is not an integer"),
+            );
+        };
+        let text = label.get_ref().trim();
+        if text.is_empty() || text.parse::<f64>().is_ok() {
+            return violation(
+                label.span(),
+                "a label is a non-empty name, not a number (writes take either)",
+            );
+        }
+        if out.iter().any(|(m, l)| *m == n || l == text) {
+            return violation(
+                label.span(),
+                format!("label {text:?} or number {n} is given twice"),
+            );
+        }
+        out.push((n, text.to_string()));
+    }
+    Ok(out)
+}
+
+/// `alarm`: thresholds on numbers, `when` on bools; `after` may be 0.
+fn convert_alarm(raw: &Spanned<RawAlarm>, kind: Kind) -> Result<Alarm> {
+    let span = raw.span();
+    let raw = raw.get_ref();
+    let after = match &raw.after {
+        Some(a) if a.get_ref().0 > MAX_INTERVAL => {
+            return violation(a.span(), "after must be at most 24h")
+        }
+        Some(a) => a.get_ref().0,
+        None => Duration::ZERO,
+    };
+    let boolean = kind.is_bool();
+    if let Some(when) = &raw.when {
+        if !boolean {
+            return violation(
+                when.span(),
+                "when is for bool points; numbers use above/below",
+            );
+        }
+        if let Some(field) = [&raw.above, &raw.below, &raw.hysteresis]
+            .into_iter()
+            .flatten()
+            .next()
+        {
+            return violation(
+                field.span(),
+                "above/below/hysteresis are for numbers; a bool alarm has when",
+            );
+        }
+        return Ok(Alarm::When {
+            when: *when.get_ref(),
+            after,
+        });
+    }
+    if boolean || matches!(kind, Kind::String { .. }) {
+        return violation(
+            span,
+            "thresholds (above/below) are for number points; a bool alarm is { when = true }",
+        );
+    }
+    let (above, below) = (
+        raw.above.as_ref().map(|a| *a.get_ref()),
+        raw.below.as_ref().map(|b| *b.get_ref()),
+    );
+    if above.is_none() && below.is_none() {
+        return violation(
+            span,
+            "an alarm needs above, below (or both), or when for a bool",
+        );
+    }
+    for bound in [&raw.above, &raw.below].into_iter().flatten() {
+        if !bound.get_ref().is_finite() {
+            return violation(bound.span(), "a threshold must be a finite number");
+        }
+    }
+    if let (Some(a), Some(b), Some(at)) = (above, below, &raw.above) {
+        if a <= b {
+            return violation(at.span(), "above must be greater than below");
+        }
+    }
+    let hysteresis = match &raw.hysteresis {
+        Some(h) if !h.get_ref().is_finite() || *h.get_ref() < 0.0 => {
+            return violation(h.span(), "hysteresis must be a number >= 0")
+        }
+        Some(h) => *h.get_ref(),
+        None => 0.0,
+    };
+    if let (Some(a), Some(b), Some(h)) = (above, below, &raw.hysteresis) {
+        if 2.0 * hysteresis >= a - b {
+            return violation(
+                h.span(),
+                "hysteresis must be less than half the band between below and above",
+            );
+        }
+    }
+    Ok(Alarm::Range {
+        above,
+        below,
+        hysteresis,
+        after,
     })
 }
 

@@ -8,6 +8,7 @@ use std::time::SystemTime;
 
 use tokio::time::Instant;
 
+use super::alarm;
 use super::plan::{self, Block};
 use super::task::DeviceStatus;
 use super::{backoff_interval, PointRead, PollResult};
@@ -34,12 +35,15 @@ pub(super) struct DeviceState {
     last_full: Option<Instant>,
     /// The last good read of each point, by point index.
     last: Vec<Option<PointRead>>,
+    /// Alarm state by point index (points without `alarm` stay normal).
+    alarms: Vec<alarm::State>,
 }
 
 impl DeviceState {
     pub(super) fn new(device: Device, blocks: Vec<Block>, start: Instant) -> Self {
         Self {
             last: vec![None; device.points.len()],
+            alarms: vec![alarm::State::default(); device.points.len()],
             block_state: vec![None; blocks.len()],
             device,
             blocks,
@@ -173,7 +177,7 @@ impl DeviceState {
             if !full && !changed(self.reported.get(&i), &value, point.deadband) {
                 continue;
             }
-            let Some(json) = value.to_json() else {
+            let Some(json) = crate::codec::present(point, &value) else {
                 log::debug!(target: "poll", "device {}: {} = {value} has no JSON form; not reported", self.device.name, point.name);
                 continue;
             };
@@ -222,6 +226,29 @@ impl DeviceState {
             self.block_state = vec![None; blocks.len()];
             self.blocks = blocks;
         }
+    }
+
+    /// Evaluates the alarms of the points read at `now` (reported or not);
+    /// the `alarm_raised` / `alarm_cleared` events.
+    pub(super) fn alarms(&mut self, values: &[Option<Value>], now: Instant) -> Vec<Record> {
+        let mut events = Vec::new();
+        for ((point, value), state) in self.device.points.iter().zip(values).zip(&mut self.alarms) {
+            let (Some(alarm), Some(value)) = (&point.alarm, value) else {
+                continue;
+            };
+            let Some(change) = state.evaluate(alarm, value, now) else {
+                continue;
+            };
+            let shown = crate::codec::present(point, value).unwrap_or_default();
+            let (method, mut params) = change.event(&point.name, shown);
+            params["device"] = self.device.name.as_str().into();
+            if let Some(key) = &self.device.key {
+                params["key"] = key.as_str().into();
+            }
+            log::warn!(target: "poll", device = self.device.name.as_str(); "device {}: {method} on {} = {value}", self.device.name, point.name);
+            events.push(Record::event(method, params));
+        }
+        events
     }
 
     /// Keeps the points that `result` read as the device's last values.

@@ -440,7 +440,7 @@ async fn read_back(bus: &mut Bus, plan: &WritePlan) -> Option<Reading> {
         .iter()
         .zip(result.values(&device.points, &blocks))
     {
-        if let Some(json) = value.and_then(|v| v.to_json()) {
+        if let Some(json) = value.and_then(|v| codec::present(point, &v)) {
             values.insert(point.name.clone(), json);
         }
     }

@@ -5,6 +5,7 @@
 //! readings and events to the outbox. A device that keeps failing is backed
 //! off so that its timeouts do not starve the devices that answer.
 
+mod alarm;
 mod device;
 pub mod job;
 pub mod plan;
@@ -76,7 +77,7 @@ impl PollResult {
                             Raw::Registers(regs) => Json::from(regs.to_vec()),
                         });
                         let value = values.get(i).and_then(Option::as_ref);
-                        read.value = value.and_then(Value::to_json);
+                        read.value = value.and_then(|v| codec::present(point, v));
                         if let (Some(value), None) = (value, &read.value) {
                             read.error = Some(format!("{value} has no JSON form"));
                         }

@@ -143,6 +143,8 @@ mod tests {
             min: None,
             max: None,
             deadband: 0.0,
+            labels: Vec::new(),
+            alarm: None,
         }
     }
 

@@ -210,6 +210,7 @@ impl BusTask {
                 let now = Instant::now();
                 let result = PollResult { replies };
                 let mut values = result.values(&state.device.points, &state.blocks);
+                let alarms = state.alarms(&values, now);
                 for (name, read_before) in &overtaken {
                     for block in state.blocks.iter().take(*read_before) {
                         for &i in &block.points {
@@ -232,7 +233,11 @@ impl BusTask {
                         *slot = status;
                     }
                 });
-                for record in events.into_iter().chain(reading.map(Record::from)) {
+                for record in events
+                    .into_iter()
+                    .chain(alarms)
+                    .chain(reading.map(Record::from))
+                {
                     self.outbox.append(record);
                 }
             }

@@ -93,6 +93,19 @@ pub fn value_for(point: &Point, json: &Json) -> Result<Value, String> {
             return Ok(Value::Text(s.clone()));
         }
         (Kind::String { .. }, _) => return Err(format!("expected text, got {}", shown())),
+        (_, Json::String(label)) if !point.labels.is_empty() => {
+            match codec::label_number(point, label) {
+                Some(n) => Value::Int(n),
+                None => {
+                    let known: Vec<&str> = point.labels.iter().map(|(_, l)| l.as_str()).collect();
+                    return Err(format!(
+                        "{} is not one of its labels ({}) or a number",
+                        shown(),
+                        known.join(", ")
+                    ));
+                }
+            }
+        }
         (_, Json::Number(n)) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
             (Some(i), ..) => Value::Int(i),
             (None, Some(u), _) => Value::UInt(u),

@@ -1,0 +1,175 @@
+//! The device model of SPEC §3 through the real binary and broker: labels
+//! reported and written, and alarms with hysteresis and a minimum duration
+//! (a short spike raises nothing), evaluated on every poll even when the
+//! reading is not reported.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use fieldgate::config::Area;
+use serde_json::{json, Value};
+
+/// Events seen so far with `method`, as their params.
+fn events(seen: &[Seen], method: &str) -> Vec<Value> {
+    seen.iter()
+        .filter(|s| s.topic.starts_with("event/report/"))
+        .filter(|s| s.payload["method"] == method)
+        .map(|s| s.payload["params"].clone())
+        .collect()
+}
+
+fn set(slaves: &Slaves, address: u16, value: u16) {
+    slaves.unit(1, |u| u.set_registers(Area::Holding, address, &[value]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labels_are_reported_and_written_by_name() {
+    let slaves = Slaves::new();
+    set(&slaves, 0, 1);
+    let rig = Rig::start(
+        &slaves,
+        "",
+        &device(
+            "pump",
+            1,
+            "100ms",
+            "",
+            &[(
+                "state",
+                "area = \"holding\"\naddress = 0\ntype = \"u16\"\nwritable = true\nlabels = { 0 = \"stopped\", 1 = \"running\", 2 = \"fault\" }",
+            )],
+        ),
+    )
+    .await;
+    rig.platform
+        .wait_until(Duration::from_secs(10), "running", |s| {
+            payloads(s, "attributes").contains(&json!({"state": "running"}))
+        })
+        .await;
+    // An unlisted number is reported as the number.
+    set(&slaves, 0, 7);
+    rig.platform
+        .wait_until(Duration::from_secs(5), "7", |s| {
+            payloads(s, "attributes").contains(&json!({"state": 7}))
+        })
+        .await;
+    // Writes take the label or the number.
+    rig.platform
+        .publish("attributes/push", json!({"state": "fault"}).to_string())
+        .await;
+    rig.platform
+        .wait_until(Duration::from_secs(5), "fault written", |s| {
+            payloads(s, "attributes").contains(&json!({"state": "fault"}))
+        })
+        .await;
+    assert_eq!(slaves.unit(1, |u| u.holding.get(&0).copied()), Some(2));
+    rig.platform
+        .publish("attributes/push", json!({"state": 0}).to_string())
+        .await;
+    rig.platform
+        .wait_until(Duration::from_secs(5), "stopped", |s| {
+            payloads(s, "attributes").contains(&json!({"state": "stopped"}))
+        })
+        .await;
+    // An unknown label is refused; nothing is written.
+    rig.platform
+        .publish("attributes/push", json!({"state": "flying"}).to_string())
+        .await;
+    let seen = rig
+        .platform
+        .wait_until(Duration::from_secs(5), "write_rejected", |s| {
+            !events(s, "write_rejected").is_empty()
+        })
+        .await;
+    let reason = events(&seen, "write_rejected")[0].to_string();
+    assert!(reason.contains("not one of its labels"), "{reason}");
+    assert_eq!(slaves.unit(1, |u| u.holding.get(&0).copied()), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alarms_need_their_duration_and_clear_by_the_hysteresis() {
+    let slaves = Slaves::new();
+    set(&slaves, 0, 2300);
+    slaves.unit(1, |u| u.set_bit(Area::Coil, 0, false));
+    // report = "change" with a long heartbeat: alarms do not wait for a
+    // report.
+    let rig = Rig::start(
+        &slaves,
+        "",
+        &device(
+            "meter",
+            1,
+            "100ms",
+            "key = \"m-1\"\nreport = \"change\"\nheartbeat = \"1h\"",
+            &[
+                (
+                    "voltage",
+                    "area = \"holding\"\naddress = 0\ntype = \"u16\"\nscale = 0.1\ndeadband = 1000\nalarm = { above = 250.0, below = 190.0, hysteresis = 2.0, after = \"1s\" }",
+                ),
+                ("fault", "area = \"coil\"\naddress = 0\ntype = \"bool\"\nalarm = { when = true }"),
+            ],
+        ),
+    )
+    .await;
+    rig.wait_for("gateway/attributes", 1, Duration::from_secs(10))
+        .await;
+
+    // A 400 ms spike over the limit raises nothing.
+    set(&slaves, 0, 2600);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    set(&slaves, 0, 2300);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        events(&rig.platform.all(), "alarm_raised").is_empty(),
+        "a short spike raised an alarm"
+    );
+
+    // Over the limit for longer than `after`: raised once.
+    set(&slaves, 0, 2600);
+    let seen = rig
+        .platform
+        .wait_until(Duration::from_secs(5), "alarm_raised", |s| {
+            !events(s, "alarm_raised").is_empty()
+        })
+        .await;
+    assert_eq!(
+        events(&seen, "alarm_raised")[0],
+        json!({"point": "voltage", "value": 260.0, "limit": 250.0, "device": "meter", "key": "m-1"})
+    );
+    // Back under the limit, but not by the hysteresis: still raised.
+    set(&slaves, 0, 2490);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let all = rig.platform.all();
+    assert!(events(&all, "alarm_cleared").is_empty());
+    assert_eq!(events(&all, "alarm_raised").len(), 1, "raised once");
+    set(&slaves, 0, 2470);
+    let seen = rig
+        .platform
+        .wait_until(Duration::from_secs(5), "alarm_cleared", |s| {
+            !events(s, "alarm_cleared").is_empty()
+        })
+        .await;
+    assert_eq!(events(&seen, "alarm_cleared")[0]["value"], 247.0);
+    // No report was due for any of it (deadband 1000, heartbeat 1 h).
+    assert_eq!(payloads(&seen, "gateway/attributes").len(), 1);
+
+    // A fault bit raises at once with `when = true` and clears when it drops.
+    slaves.unit(1, |u| u.set_bit(Area::Coil, 0, true));
+    rig.platform
+        .wait_until(Duration::from_secs(5), "fault raised", |s| {
+            events(s, "alarm_raised")
+                .iter()
+                .any(|p| p["point"] == "fault" && p["value"] == true)
+        })
+        .await;
+    slaves.unit(1, |u| u.set_bit(Area::Coil, 0, false));
+    rig.platform
+        .wait_until(Duration::from_secs(5), "fault cleared", |s| {
+            events(s, "alarm_cleared")
+                .iter()
+                .any(|p| p["point"] == "fault")
+        })
+        .await;
+}
