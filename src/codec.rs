@@ -329,6 +329,7 @@ mod tests {
             deadband: 0.0,
             labels: Vec::new(),
             alarm: None,
+            poll: None,
         }
     }
 

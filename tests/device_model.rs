@@ -173,3 +173,65 @@ async fn alarms_need_their_duration_and_clear_by_the_hysteresis() {
         })
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_point_with_its_own_poll_is_read_at_its_own_interval() {
+    let slaves = Slaves::new();
+    set(&slaves, 0, 11);
+    set(&slaves, 100, 22);
+    let rig = Rig::start(
+        &slaves,
+        "",
+        &device(
+            "meter",
+            1,
+            "200ms",
+            "",
+            &[
+                ("fast", "area = \"holding\"\naddress = 0\ntype = \"u16\""),
+                (
+                    "slow",
+                    "area = \"holding\"\naddress = 100\ntype = \"u16\"\npoll = \"1s\"",
+                ),
+            ],
+        ),
+    )
+    .await;
+    rig.wait_for("attributes", 1, Duration::from_secs(10)).await;
+    let start = slaves.received().len();
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let reads: Vec<u16> = slaves.received()[start..]
+        .iter()
+        .map(|r| r.request.span().1)
+        .collect();
+    let (fast, slow) = (
+        reads.iter().filter(|a| **a == 0).count(),
+        reads.iter().filter(|a| **a == 100).count(),
+    );
+    // On the wire: each point's own block, at its own rate (never bridged
+    // across the 99 registers between them).
+    assert!((12..=17).contains(&fast), "fast read {fast} times in 3 s");
+    assert!((2..=4).contains(&slow), "slow read {slow} times in 3 s");
+    assert_eq!(reads.len(), fast + slow);
+    // A report carries what that poll read.
+    let seen = rig.platform.all();
+    let reports = payloads(&seen, "attributes");
+    assert!(reports.contains(&json!({"fast": 11})), "{reports:?}");
+    assert!(
+        reports.contains(&json!({"fast": 11, "slow": 22})),
+        "{reports:?}"
+    );
+    let with_slow = reports.iter().filter(|r| r.get("slow").is_some()).count();
+    assert!(
+        with_slow * 3 < reports.len(),
+        "{with_slow} of {} reports carry slow",
+        reports.len()
+    );
+    // `check` shows each interval's requests and bus time.
+    let out = rig.gw.command(&["check"]);
+    assert!(
+        out.contains("2 points in 2 requests at 2 intervals"),
+        "{out}"
+    );
+    assert!(out.contains("every 1.00 s: 1 point in 1 request"), "{out}");
+}

@@ -76,56 +76,81 @@ pub fn report(config: &Config, source: &str) -> (String, usize) {
         // Bus time needed per second of wall time (1.0 = the bus is full).
         let mut load = 0.0;
         for device in config.devices_on(&bus.name) {
-            let blocks = plan::plan(&device.points, bus);
-            let cycle = plan::cycle_time(bus, &blocks);
-            let cost = if timed {
-                cycle_all += cycle;
-                load += cycle.as_secs_f64() / device.poll.as_secs_f64();
-                format!(
-                    ", {} per cycle = {:.1}% of its interval",
-                    human(cycle),
-                    100.0 * cycle.as_secs_f64() / device.poll.as_secs_f64()
-                )
-            } else {
-                String::new()
-            };
-            out += &format!(
-                "  device {} (unit {}, every {}): {} in {}{cost}\n",
-                device.name,
-                device.unit,
-                human(device.poll),
-                count(device.points.len(), "point"),
-                count(blocks.len(), "request"),
-            );
-            for block in &blocks {
-                let names: Vec<&str> = block
-                    .points
-                    .iter()
-                    .map(|&i| device.points[i].name.as_str())
-                    .collect();
-                let fc = block.request().function_code().value();
-                let unit = if block.area.is_bits() {
-                    "bits"
-                } else {
-                    "registers"
-                };
+            let schedule = plan::schedule(device, bus);
+            let requests: usize = schedule.iter().map(|i| i.blocks.len()).sum();
+            let single = schedule.len() == 1;
+            if !single {
                 out += &format!(
-                    "    FC{fc:02X} {:<8} {:>5} +{:<4} {:<9} {}\n",
-                    block.area.as_str(),
-                    block.start,
-                    block.count,
-                    unit,
-                    names.join(", ")
+                    "  device {} (unit {}): {} in {} at {} intervals\n",
+                    device.name,
+                    device.unit,
+                    count(device.points.len(), "point"),
+                    count(requests, "request"),
+                    schedule.len()
                 );
             }
-            if timed && cycle > device.poll {
-                warnings += 1;
-                out += &format!(
-                    "  warning: one poll of {} takes {}, longer than its interval {}\n",
-                    device.name,
-                    human(cycle),
-                    human(device.poll)
-                );
+            for interval in &schedule {
+                let every = interval.every;
+                let cycle = plan::cycle_time(bus, &interval.blocks);
+                let cost = if timed {
+                    cycle_all += cycle;
+                    load += cycle.as_secs_f64() / every.as_secs_f64();
+                    format!(
+                        ", {} per cycle = {:.1}% of its interval",
+                        human(cycle),
+                        100.0 * cycle.as_secs_f64() / every.as_secs_f64()
+                    )
+                } else {
+                    String::new()
+                };
+                let points: usize = interval.blocks.iter().map(|b| b.points.len()).sum();
+                out += &if single {
+                    format!(
+                        "  device {} (unit {}, every {}): {} in {}{cost}\n",
+                        device.name,
+                        device.unit,
+                        human(every),
+                        count(points, "point"),
+                        count(interval.blocks.len(), "request"),
+                    )
+                } else {
+                    format!(
+                        "   every {}: {} in {}{cost}\n",
+                        human(every),
+                        count(points, "point"),
+                        count(interval.blocks.len(), "request"),
+                    )
+                };
+                for block in &interval.blocks {
+                    let names: Vec<&str> = block
+                        .points
+                        .iter()
+                        .map(|&i| device.points[i].name.as_str())
+                        .collect();
+                    let fc = block.request().function_code().value();
+                    let unit = if block.area.is_bits() {
+                        "bits"
+                    } else {
+                        "registers"
+                    };
+                    out += &format!(
+                        "    FC{fc:02X} {:<8} {:>5} +{:<4} {:<9} {}\n",
+                        block.area.as_str(),
+                        block.start,
+                        block.count,
+                        unit,
+                        names.join(", ")
+                    );
+                }
+                if timed && cycle > every {
+                    warnings += 1;
+                    out += &format!(
+                        "  warning: one poll of {} takes {}, longer than its interval {}\n",
+                        device.name,
+                        human(cycle),
+                        human(every)
+                    );
+                }
             }
         }
         if !timed {

@@ -436,6 +436,8 @@ pub struct Point {
     /// Integer points: the label reported for a number (writes take either).
     pub labels: Vec<(i64, String)>,
     pub alarm: Option<Alarm>,
+    /// Its own interval (slow-changing values); `None`: the device's.
+    pub poll: Option<Duration>,
 }
 
 /// When a point is in alarm (SPEC §3 `alarm`).

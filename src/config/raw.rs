@@ -259,6 +259,7 @@ struct RawPoint {
     deadband: Option<Spanned<f64>>,
     labels: Option<Spanned<std::collections::BTreeMap<String, Spanned<String>>>>,
     alarm: Option<Spanned<RawAlarm>>,
+    poll: Option<Spanned<Dur>>,
 }
 
 #[derive(Deserialize)]
@@ -1198,6 +1199,11 @@ fn convert_point(raw: &Spanned<RawPoint>) -> Result<Point> {
         deadband,
         labels,
         alarm,
+        poll: raw
+            .poll
+            .as_ref()
+            .map(|p| positive(p, "poll", MAX_INTERVAL))
+            .transpose()?,
     })
 }
 

@@ -142,7 +142,7 @@ impl Publisher {
     /// The connection failed; returns how long to wait before the next
     /// attempt. Everything unacknowledged is sent again from the oldest.
     pub fn disconnected(&mut self) -> Duration {
-        self.judge_oldest();
+        self.judge_suspect();
         let wait = self.backoff;
         self.backoff = (self.backoff * 2).min(RECONNECT_MAX);
         self.phase = Phase::BackingOff;
@@ -151,30 +151,41 @@ impl Publisher {
         wait
     }
 
-    /// Was the connection closed right after the oldest message in flight,
-    /// one larger than any the broker took? Counts it; the
-    /// [`POISON_AFTER`]th time in a row, its size becomes the limit.
-    fn judge_oldest(&mut self) {
-        let oldest = self
+    /// Was the connection closed right after a message larger than any the
+    /// broker took? The suspect is the largest such message sent within
+    /// [`POISON_WITHIN`] (in flight, or handed over but not yet given a
+    /// packet id): a broker closes on the packet it refuses, whatever
+    /// smaller ones are still unacknowledged before it. Counts it; the
+    /// [`POISON_AFTER`]th time in a row, its size becomes the limit. A drop
+    /// with no such message in flight is a link problem, and ends the row.
+    fn judge_suspect(&mut self) {
+        let in_flight = self
             .inflight
             .values()
-            .filter(|s| !s.seqs.is_empty())
-            .min_by_key(|s| s.seqs[0]);
-        let Some(sent) =
-            oldest.filter(|s| s.at.elapsed() < POISON_WITHIN && s.size > self.largest_acked)
-        else {
+            .filter(|s| s.at.elapsed() < POISON_WITHIN)
+            .map(|s| (s.seqs.first().copied(), s.size));
+        let handed_over = self
+            .unassigned
+            .iter()
+            .zip(&self.sizes)
+            .map(|(seqs, size)| (seqs.first().copied(), *size));
+        let suspect = in_flight
+            .chain(handed_over)
+            .filter_map(|(first, size)| Some((first?, size)))
+            .filter(|(_, size)| *size > self.largest_acked)
+            .max_by_key(|&(first, size)| (size, std::cmp::Reverse(first)));
+        let Some((first, size)) = suspect else {
             self.suspect = None;
             return;
         };
-        let first = sent.seqs[0];
         let count = match self.suspect {
             Some((seq, _, n)) if seq == first => n + 1,
             _ => 1,
         };
-        self.suspect = Some((first, sent.size, count));
+        self.suspect = Some((first, size, count));
         if count >= POISON_AFTER {
-            log::error!(target: "platform", "the broker closed the connection right after a {}-byte message {count} times in a row, and never took one that large: taking {} bytes as its packet limit", sent.size, sent.size);
-            self.refused_size = Some(sent.size);
+            log::error!(target: "platform", "the broker closed the connection right after a {size}-byte message {count} times in a row, and never took one that large: taking {size} bytes as its packet limit");
+            self.refused_size = Some(size);
             self.suspect = None;
         }
     }
@@ -475,6 +486,57 @@ mod tests {
         assert!(matches!(p.take(Instant::now()), Some(Outgoing::Discard(seqs, _)) if seqs == [1]));
         assert!(matches!(p.take(Instant::now()), Some(Outgoing::Publish(_, seqs)) if seqs == [2]));
         assert!(matches!(p.take(Instant::now()), Some(Outgoing::Discard(seqs, _)) if seqs == [3]));
+    }
+
+    /// The same when the broker closes the connection before the big
+    /// message's packet id is even seen, with a smaller, older message still
+    /// unacknowledged: the big one is the suspect, not the oldest.
+    #[tokio::test(start_paused = true)]
+    async fn the_refused_message_is_found_behind_an_unacknowledged_small_one() {
+        let mut p = Publisher::new(tc(), None, 1 << 18);
+        let big = |i: u64| {
+            let (seq, mut r) = record(i, None);
+            if let Body::Attributes { values, .. } = &mut r.body {
+                values.insert("text".into(), json!("x".repeat(5000)));
+            }
+            (seq, r)
+        };
+        p.connected();
+        p.refill(vec![record(0, None)]);
+        assert!(matches!(
+            p.take(Instant::now()),
+            Some(Outgoing::Publish(..))
+        ));
+        p.assigned(1);
+        assert_eq!(p.acked(1), [0]);
+        for round in 0..POISON_AFTER {
+            p.connected();
+            // Different devices: sent as two messages, small one first.
+            p.refill(vec![record(1, Some("other")), big(2)]);
+            let Some(Outgoing::Publish(_, seqs)) = p.take(Instant::now()) else {
+                panic!("round {round}: the small message goes first");
+            };
+            assert_eq!(seqs, [1]);
+            p.assigned(2);
+            let Some(Outgoing::Publish(_, seqs)) = p.take(Instant::now()) else {
+                panic!("round {round}: then the big one");
+            };
+            assert_eq!(seqs, [2]);
+            // Closed before its packet id was assigned.
+            tokio::time::advance(Duration::from_millis(100)).await;
+            p.disconnected();
+        }
+        p.connected();
+        p.refill(vec![record(1, Some("other")), big(2)]);
+        let first = p.take(Instant::now());
+        assert!(
+            matches!(&first, Some(Outgoing::Publish(_, seqs)) if seqs == &[1]),
+            "{first:?}"
+        );
+        assert!(
+            matches!(p.take(Instant::now()), Some(Outgoing::Discard(seqs, _)) if seqs == [2]),
+            "the big message is discarded"
+        );
     }
 
     /// A connection that drops now and then, at random, never costs a

@@ -4,7 +4,7 @@
 //! heartbeat).
 
 use std::collections::HashMap;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
@@ -20,7 +20,13 @@ use crate::record::{ms_since_epoch, Body, Reading, Record};
 /// What the poller remembers about one device between polls.
 pub(super) struct DeviceState {
     pub(super) device: Device,
+    /// The blocks of every poll interval.
     pub(super) blocks: Vec<Block>,
+    /// The interval (index into `intervals`) each block belongs to.
+    block_interval: Vec<usize>,
+    /// Each poll interval and when it is next due.
+    intervals: Vec<(Duration, Instant)>,
+    /// The earliest of `intervals`.
     pub(super) next_due: Instant,
     /// Consecutive polls in which no block could be read.
     failures: u32,
@@ -40,13 +46,23 @@ pub(super) struct DeviceState {
 }
 
 impl DeviceState {
-    pub(super) fn new(device: Device, blocks: Vec<Block>, start: Instant) -> Self {
+    pub(super) fn new(device: Device, schedule: Vec<plan::Interval>, start: Instant) -> Self {
+        let mut blocks = Vec::new();
+        let mut block_interval = Vec::new();
+        let mut intervals = Vec::new();
+        for (i, interval) in schedule.into_iter().enumerate() {
+            block_interval.extend(std::iter::repeat_n(i, interval.blocks.len()));
+            blocks.extend(interval.blocks);
+            intervals.push((interval.every, start));
+        }
         Self {
             last: vec![None; device.points.len()],
             alarms: vec![alarm::State::default(); device.points.len()],
             block_state: vec![None; blocks.len()],
             device,
             blocks,
+            block_interval,
+            intervals,
             next_due: start,
             failures: 0,
             offline: None,
@@ -54,6 +70,36 @@ impl DeviceState {
             last_ok: None,
             reported: HashMap::new(),
             last_full: None,
+        }
+    }
+
+    /// What a poll starting `now` reads: the blocks of the intervals due.
+    pub(super) fn due(&self, now: Instant) -> Due {
+        let intervals: Vec<usize> = (0..self.intervals.len())
+            .filter(|&i| self.intervals[i].1 <= now)
+            .collect();
+        let index: Vec<usize> = (0..self.blocks.len())
+            .filter(|&b| {
+                self.block_interval
+                    .get(b)
+                    .is_some_and(|i| intervals.contains(i))
+            })
+            .collect();
+        let blocks: Vec<Block> = index
+            .iter()
+            .filter_map(|&b| self.blocks.get(b).cloned())
+            .collect();
+        let mut points = vec![false; self.device.points.len()];
+        for &p in blocks.iter().flat_map(|b| &b.points) {
+            if let Some(slot) = points.get_mut(p) {
+                *slot = true;
+            }
+        }
+        Due {
+            index,
+            blocks,
+            points,
+            intervals,
         }
     }
 
@@ -96,7 +142,7 @@ impl DeviceState {
     /// returns the events of a device going offline or coming back, and a
     /// sub-device's presence: online at its first answer and whenever it
     /// comes back, offline when it goes.
-    pub(super) fn record(&mut self, result: &PollResult) -> Vec<Record> {
+    pub(super) fn record(&mut self, result: &PollResult, due: &Due) -> Vec<Record> {
         self.polled = true;
         let first_answer = self.last_ok.is_none();
         if !result.unreachable() {
@@ -133,7 +179,7 @@ impl DeviceState {
             events.extend(self.presence(true));
         }
         self.failures = 0;
-        for (b, reply) in result.replies.iter().enumerate() {
+        for (&b, reply) in due.index.iter().zip(&result.replies) {
             let err = reply.as_ref().err();
             let state = err.map(|e| e.kind().to_string());
             if self.block_state.get(b) != Some(&state) {
@@ -157,6 +203,7 @@ impl DeviceState {
     pub(super) fn report(
         &mut self,
         values: Vec<Option<Value>>,
+        due: &Due,
         taken: SystemTime,
         now: Instant,
     ) -> Option<Reading> {
@@ -170,7 +217,8 @@ impl DeviceState {
         let mut complete = true;
         for (i, value) in values.into_iter().enumerate() {
             let Some(value) = value else {
-                complete = false;
+                // A point of another interval was not due: not missing.
+                complete &= !due.points.get(i).copied().unwrap_or(false);
                 continue;
             };
             let point = &self.device.points[i];
@@ -198,16 +246,24 @@ impl DeviceState {
     /// A slave that rejects a bridged read with "illegal data address"
     /// probably has unmapped registers in the gap: from now on that block is
     /// read as gapless pieces. Other errors leave the plan alone.
-    pub(super) fn replan(&mut self, result: &PollResult) {
+    pub(super) fn replan(&mut self, result: &PollResult, due: &Due) {
         let mut changed = false;
         let mut blocks = Vec::with_capacity(self.blocks.len());
-        for (block, reply) in self.blocks.iter().zip(&result.replies) {
+        let mut block_interval = Vec::with_capacity(self.blocks.len());
+        for (b, block) in self.blocks.iter().enumerate() {
+            let reply = due
+                .index
+                .iter()
+                .position(|&d| d == b)
+                .and_then(|at| result.replies.get(at));
             let split = match reply {
-                Err(TxError::Exception(ExceptionCode::IllegalDataAddress)) => {
+                Some(Err(TxError::Exception(ExceptionCode::IllegalDataAddress))) => {
                     plan::without_gaps(block, &self.device.points)
                 }
                 _ => vec![block.clone()],
             };
+            let interval = self.block_interval.get(b).copied().unwrap_or_default();
+            block_interval.extend(std::iter::repeat_n(interval, split.len()));
             if split.len() > 1 {
                 changed = true;
                 log::info!(
@@ -225,6 +281,7 @@ impl DeviceState {
         if changed {
             self.block_state = vec![None; blocks.len()];
             self.blocks = blocks;
+            self.block_interval = block_interval;
         }
     }
 
@@ -252,8 +309,8 @@ impl DeviceState {
     }
 
     /// Keeps the points that `result` read as the device's last values.
-    pub(super) fn remember(&mut self, result: &PollResult, taken: SystemTime) {
-        let reads = result.points(&self.device.points, &self.blocks, ms_since_epoch(taken));
+    pub(super) fn remember(&mut self, result: &PollResult, due: &Due, taken: SystemTime) {
+        let reads = result.points(&self.device.points, &due.blocks, ms_since_epoch(taken));
         for (slot, read) in self.last.iter_mut().zip(reads) {
             if let Some(read) = read.filter(|r| r.error.is_none()) {
                 *slot = Some(read);
@@ -272,11 +329,33 @@ impl DeviceState {
         }
     }
 
-    pub(super) fn schedule_next(&mut self, now: Instant) {
-        let interval = backoff_interval(self.device.poll, self.failures);
-        // Fixed rate while on time; no burst of catch-up polls when late.
-        self.next_due = (self.next_due + interval).max(now);
+    /// Schedules the intervals that were due; each keeps a fixed rate while
+    /// on time, with no burst of catch-up polls when late.
+    pub(super) fn schedule_next(&mut self, due: &Due, now: Instant) {
+        for &i in &due.intervals {
+            if let Some((every, next)) = self.intervals.get_mut(i) {
+                *next = (*next + backoff_interval(*every, self.failures)).max(now);
+            }
+        }
+        self.next_due = self
+            .intervals
+            .iter()
+            .map(|(_, next)| *next)
+            .min()
+            .unwrap_or(now);
     }
+}
+
+/// What one poll reads.
+pub(super) struct Due {
+    /// Indices of the blocks read (into the device's blocks).
+    index: Vec<usize>,
+    /// Those blocks, in that order (the replies follow it).
+    pub(super) blocks: Vec<Block>,
+    /// By point index: whether the poll reads it.
+    points: Vec<bool>,
+    /// The intervals due.
+    intervals: Vec<usize>,
 }
 
 /// Whether `new` differs from the last reported value by more than `deadband`.

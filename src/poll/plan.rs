@@ -51,7 +51,49 @@ fn gap_time(bus: &config::Bus, area: Area, gap: u32) -> Duration {
 /// 2000 bits, never splitting a point, and bridging a gap only when reading
 /// it costs less wire time than a separate request would.
 pub fn plan(points: &[Point], bus: &config::Bus) -> Vec<Block> {
-    let mut order: Vec<usize> = (0..points.len()).collect();
+    plan_of(points, (0..points.len()).collect(), bus)
+}
+
+/// Points of one poll interval and the blocks that read them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Interval {
+    pub every: Duration,
+    pub blocks: Vec<Block>,
+}
+
+/// `device`'s points grouped by poll interval (the device's first, then
+/// the points' own `poll`s, shortest first), each group coalesced on its
+/// own: a slow point never widens the reads of the fast ones.
+pub fn schedule(device: &config::Device, bus: &config::Bus) -> Vec<Interval> {
+    let every = |p: &Point| p.poll.unwrap_or(device.poll);
+    let mut intervals: Vec<Duration> = vec![device.poll];
+    let mut own: Vec<Duration> = device
+        .points
+        .iter()
+        .map(every)
+        .filter(|d| *d != device.poll)
+        .collect();
+    own.sort();
+    own.dedup();
+    intervals.extend(own);
+    intervals
+        .into_iter()
+        .map(|interval| Interval {
+            every: interval,
+            blocks: plan_of(
+                &device.points,
+                (0..device.points.len())
+                    .filter(|&i| every(&device.points[i]) == interval)
+                    .collect(),
+                bus,
+            ),
+        })
+        .filter(|i| !i.blocks.is_empty())
+        .collect()
+}
+
+/// [`plan`] for the points `members` (indices into `points`).
+fn plan_of(points: &[Point], mut order: Vec<usize>, bus: &config::Bus) -> Vec<Block> {
     order.sort_by_key(|&i| (points[i].area, points[i].address, points[i].end()));
     let extra_request = transaction_time(bus, &Request::ReadHolding(0, 0));
     let mut blocks: Vec<Block> = Vec::new();
@@ -145,6 +187,7 @@ mod tests {
             deadband: 0.0,
             labels: Vec::new(),
             alarm: None,
+            poll: None,
         }
     }
 

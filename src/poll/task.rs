@@ -87,8 +87,8 @@ impl BusTask {
         let devices: Vec<DeviceState> = devices
             .into_iter()
             .map(|d| {
-                let blocks = plan::plan(&d.points, bus.config());
-                DeviceState::new(d, blocks, start)
+                let schedule = plan::schedule(&d, bus.config());
+                DeviceState::new(d, schedule, start)
             })
             .collect();
         let (status, status_rx) = watch::channel(devices.iter().map(DeviceState::status).collect());
@@ -177,7 +177,8 @@ impl BusTask {
             return;
         };
         let (unit, timeout) = (state.device.unit, state.device.timeout);
-        let requests: Vec<_> = state.blocks.iter().map(plan::Block::request).collect();
+        let due = state.due(Instant::now());
+        let requests: Vec<_> = due.blocks.iter().map(plan::Block::request).collect();
         let mut replies = Vec::with_capacity(requests.len());
         let mut cut = false;
         // Points written by jobs, with how many blocks had been read before.
@@ -209,10 +210,10 @@ impl BusTask {
             if let Some(state) = self.devices.get_mut(index) {
                 let now = Instant::now();
                 let result = PollResult { replies };
-                let mut values = result.values(&state.device.points, &state.blocks);
+                let mut values = result.values(&state.device.points, &due.blocks);
                 let alarms = state.alarms(&values, now);
                 for (name, read_before) in &overtaken {
-                    for block in state.blocks.iter().take(*read_before) {
+                    for block in due.blocks.iter().take(*read_before) {
                         for &i in &block.points {
                             if state.device.points.get(i).is_some_and(|p| &p.name == name) {
                                 if let Some(value) = values.get_mut(i) {
@@ -222,11 +223,11 @@ impl BusTask {
                         }
                     }
                 }
-                let events = state.record(&result);
-                state.remember(&result, taken);
-                state.replan(&result);
-                let reading = state.report(values, taken, now);
-                state.schedule_next(now);
+                let events = state.record(&result, &due);
+                state.remember(&result, &due, taken);
+                state.replan(&result, &due);
+                let reading = state.report(values, &due, taken, now);
+                state.schedule_next(&due, now);
                 let status = state.status();
                 self.status.send_modify(|all| {
                     if let Some(slot) = all.get_mut(index) {
