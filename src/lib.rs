@@ -4,9 +4,12 @@
 //! [`poll`] (plan, decode, report policy, typed jobs) → [`outbox`] (one
 //! owner of the durable store) → [`platform`] (MQTT, the publisher state
 //! machine, profiles), and back: [`platform`] → [`router`] → jobs for the
-//! bus owners. Below them all: [`modbus`] (protocol knowledge), [`codec`]
-//! (registers ⇄ values), [`record`] (the uplink message) and [`text`]
-//! (bounded network text). [`commands`] holds the CLI subcommands; with the
+//! bus owners. Beside them, [`live`] gathers what the running daemon knows
+//! of itself and [`api`] serves it (the local API and console), handing
+//! reads, writes and scans to the bus owners as jobs. Below them all:
+//! [`modbus`] (protocol knowledge), [`codec`] (registers ⇄ values),
+//! [`record`] (the uplink message) and [`text`] (bounded network text).
+//! [`commands`] holds the CLI subcommands; with the
 //! `sim` feature, [`sim`] and [`broker`] serve simulated slaves and an
 //! embedded broker for `simulate`, `demo` and the tests.
 #![warn(unreachable_pub)]
