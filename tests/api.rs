@@ -439,7 +439,7 @@ async fn beyond_loopback_every_path_needs_the_token() {
 }
 
 /// Reads SSE `data:` events from `stream` until `n` have arrived.
-async fn events(stream: &mut TcpStream, n: usize, limit: Duration) -> Vec<Value> {
+async fn sse_events(stream: &mut TcpStream, n: usize, limit: Duration) -> Vec<Value> {
     let mut got = Vec::new();
     let mut text = String::new();
     let start = Instant::now();
@@ -487,7 +487,7 @@ async fn trace_events_are_the_frames_on_the_wire() {
     let rig = Rig::start_with_api(&slaves, "", &(devices() + &extra), &api).await;
     api_up(addr, &rig.gw).await;
     let mut stream = open_trace(addr, "?bus=line").await;
-    let got = events(&mut stream, 12, Duration::from_secs(10)).await;
+    let got = sse_events(&mut stream, 12, Duration::from_secs(10)).await;
     let received = slaves.received();
     for event in &got {
         for field in [

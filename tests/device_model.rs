@@ -9,16 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use fieldgate::config::Area;
-use serde_json::{json, Value};
-
-/// Events seen so far with `method`, as their params.
-fn events(seen: &[Seen], method: &str) -> Vec<Value> {
-    seen.iter()
-        .filter(|s| s.topic.starts_with("event/report/"))
-        .filter(|s| s.payload["method"] == method)
-        .map(|s| s.payload["params"].clone())
-        .collect()
-}
+use serde_json::json;
 
 fn set(slaves: &Slaves, address: u16, value: u16) {
     slaves.unit(1, |u| u.set_registers(Area::Holding, address, &[value]));

@@ -61,14 +61,6 @@ async fn wait_for_writes(slaves: &Slaves, n: usize) {
     panic!("expected {n} writes, got {:?}", writes(slaves));
 }
 
-/// Payloads of events with `method`.
-fn events(seen: &[Seen], method: &str) -> Vec<Value> {
-    seen.iter()
-        .filter(|s| s.topic.starts_with("event/report/") && s.payload["method"] == method)
-        .map(|s| s.payload["params"].clone())
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attribute_writes_take_each_path_and_are_read_back() {
     let slaves = Slaves::new();

@@ -18,15 +18,6 @@ fn reg(address: u16, extra: &str) -> String {
     format!("area = \"holding\"\naddress = {address}\ntype = \"u16\"\n{extra}")
 }
 
-/// Event payloads of `method`, in arrival order.
-fn events(seen: &[Seen], method: &str) -> Vec<Value> {
-    seen.iter()
-        .filter(|s| s.topic.starts_with("event/report/"))
-        .filter(|s| s.payload["method"] == method)
-        .map(|s| s.payload["params"].clone())
-        .collect()
-}
-
 /// A broker, the platform's subscriber and `fieldgate run` on `devices`
 /// behind `slave`.
 async fn start(pty: &std::path::Path, bus_extra: &str, devices: &str) -> (Subscriber, Gateway) {

@@ -367,6 +367,27 @@ mod tests {
         )
     }
 
+    /// A 5 KB report of the gateway's own device.
+    fn big(i: u64) -> (u64, Record) {
+        let (seq, mut r) = record(i, None);
+        if let Body::Attributes { values, .. } = &mut r.body {
+            values.insert("text".into(), json!("x".repeat(5000)));
+        }
+        (seq, r)
+    }
+
+    /// Publishes record 0 and has it acknowledged: the broker takes that size.
+    fn acknowledge_a_small_one(p: &mut Publisher) {
+        p.connected();
+        p.refill(vec![record(0, None)]);
+        assert!(matches!(
+            p.take(Instant::now()),
+            Some(Outgoing::Publish(..))
+        ));
+        p.assigned(1);
+        assert_eq!(p.acked(1), [0]);
+    }
+
     fn tc() -> Profile {
         Profile::ThingsCloud {
             access_token: "t".into(),
@@ -454,22 +475,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_message_the_broker_keeps_refusing_is_discarded() {
         let mut p = Publisher::new(tc(), None, 1 << 18);
-        let big = |i: u64| {
-            let (seq, mut r) = record(i, None);
-            if let Body::Attributes { values, .. } = &mut r.body {
-                values.insert("text".into(), json!("x".repeat(5000)));
-            }
-            (seq, r)
-        };
-        // A small message is acknowledged: the broker takes that size.
-        p.connected();
-        p.refill(vec![record(0, None)]);
-        assert!(matches!(
-            p.take(Instant::now()),
-            Some(Outgoing::Publish(..))
-        ));
-        p.assigned(1);
-        assert_eq!(p.acked(1), [0]);
+        acknowledge_a_small_one(&mut p);
         for round in 0..POISON_AFTER {
             p.connected();
             p.refill(vec![big(1), record(2, None)]);
@@ -494,21 +500,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_refused_message_is_found_behind_an_unacknowledged_small_one() {
         let mut p = Publisher::new(tc(), None, 1 << 18);
-        let big = |i: u64| {
-            let (seq, mut r) = record(i, None);
-            if let Body::Attributes { values, .. } = &mut r.body {
-                values.insert("text".into(), json!("x".repeat(5000)));
-            }
-            (seq, r)
-        };
-        p.connected();
-        p.refill(vec![record(0, None)]);
-        assert!(matches!(
-            p.take(Instant::now()),
-            Some(Outgoing::Publish(..))
-        ));
-        p.assigned(1);
-        assert_eq!(p.acked(1), [0]);
+        acknowledge_a_small_one(&mut p);
         for round in 0..POISON_AFTER {
             p.connected();
             // Different devices: sent as two messages, small one first.

@@ -314,6 +314,15 @@ baud = 115200
     )
 }
 
+/// ThingsCloud event params of `method`, in arrival order.
+pub fn events(seen: &[Seen], method: &str) -> Vec<Value> {
+    seen.iter()
+        .filter(|s| s.topic.starts_with("event/report/"))
+        .filter(|s| s.payload["method"] == method)
+        .map(|s| s.payload["params"].clone())
+        .collect()
+}
+
 /// Payloads on `topic`, in arrival order.
 pub fn payloads(seen: &[Seen], topic: &str) -> Vec<Value> {
     seen.iter()

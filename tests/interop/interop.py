@@ -199,6 +199,17 @@ def run_gateway(config_path, log_path):
     )
 
 
+def stop(gateway):
+    """SIGTERM, then kill if it has not exited within 10 s; the exit code
+    (None when it had to be killed)."""
+    gateway.send_signal(signal.SIGTERM)
+    try:
+        return gateway.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        gateway.kill()
+        return None
+
+
 def main():
     work = tempfile.mkdtemp(prefix="fieldgate-interop-")
     slave_end, gateway_end = f"{work}/slave", f"{work}/gateway"
@@ -312,12 +323,7 @@ key = "pump-001"
             status = late.wait("plant/gw/status")
             late.stop()
             check("generic: retained status online", status == b"online", status)
-        gateway.send_signal(signal.SIGTERM)
-        try:
-            code = gateway.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            gateway.kill()
-            code = None
+        code = stop(gateway)
         check(f"{profile}: SIGTERM exits 0", code == 0, code)
         if profile == "generic":
             time.sleep(0.5)
@@ -402,11 +408,7 @@ encoding = "hex"
     reply = raw(frame(1, 0x03, 0, 60, 0, 5), 5 + 10)
     got = [int.from_bytes(reply[3 + 2 * i:5 + 2 * i], "big") for i in range(5)] if len(reply) == 15 else None
     check("downlink: rejected requests wrote nothing", got == want, f"{got} != {want}")
-    gateway.send_signal(signal.SIGTERM)
-    try:
-        gateway.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        gateway.kill()
+    stop(gateway)
     platform.stop()
 
 
@@ -503,11 +505,7 @@ encoding = "hex"
         replies = [bytes.fromhex(p.decode()) for t, p, r in platform.messages if t == "data/plcraw"]
     got = [int.from_bytes(replies[-1][3 + 2 * i:5 + 2 * i], "big") for i in range(2)] if replies else None
     check("tcp: the written registers in pymodbus equal struct's encoding", got == want, f"{got} != {want}")
-    gateway.send_signal(signal.SIGTERM)
-    try:
-        gateway.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        gateway.kill()
+    stop(gateway)
     platform.stop()
 
 
@@ -588,11 +586,7 @@ def local_api(work, base, platform_toml):
         console.check_console(check, f"{url}/", ["meter", "pump"], "level 1500",
                               os.environ.get("FIELDGATE_ARTIFACTS", "target/ci-artifacts"))
     finally:
-        gateway.send_signal(signal.SIGTERM)
-        try:
-            gateway.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            gateway.kill()
+        stop(gateway)
         platform.stop()
 
 
