@@ -330,6 +330,7 @@ mod tests {
             labels: Vec::new(),
             alarm: None,
             poll: None,
+            sim: None,
         }
     }
 

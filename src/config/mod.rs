@@ -1,111 +1,18 @@
-//! Configuration: reads the TOML register map, applies defaults and every rule
-//! of SPEC §3, and hands out a [`Config`] that is valid by construction.
-//! Errors point at file, line and column, like a compiler's.
+//! Configuration: reads the TOML register map and the device profiles it
+//! names, applies defaults and every rule of SPEC §3 and §11, and hands out
+//! a [`Config`] that is valid by construction. Errors point at file, line
+//! and column, like a compiler's.
 
+mod error;
 mod model;
+mod profile;
 mod raw;
 
-use std::fmt;
-use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+pub use error::{ConfigError, Located};
 pub use model::*;
-
-/// Why a configuration could not be loaded.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The I/O error is part of the message, not a source: `{:#}` would
-    /// print it twice.
-    #[error("cannot read config {}: {io}", path.display())]
-    Read { path: PathBuf, io: std::io::Error },
-    #[error("{0}")]
-    Invalid(Located),
-}
-
-/// A message tied to a place in the source, rendered as
-/// `file:line:col: error: message` followed by the offending line.
-#[derive(Debug)]
-pub struct Located {
-    pub path: PathBuf,
-    pub line: usize,
-    pub column: usize,
-    pub message: String,
-    source_line: String,
-}
-
-impl Located {
-    fn new(path: &Path, text: &str, span: Range<usize>, message: String) -> Self {
-        let start = span.start.min(text.len());
-        let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
-        let line = text[..start].matches('\n').count() + 1;
-        let column = text[line_start..start].chars().count() + 1;
-        let source_line = mask_secrets(text[line_start..].lines().next().unwrap_or_default());
-        Located {
-            path: path.to_path_buf(),
-            line,
-            column,
-            message,
-            source_line,
-        }
-    }
-}
-
-impl fmt::Display for Located {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}:{}: {}",
-            self.path.display(),
-            self.line,
-            self.column,
-            self.message
-        )?;
-        if !self.source_line.trim().is_empty() {
-            let gutter = self.line.to_string().len();
-            write!(
-                f,
-                "\n{:gutter$} |\n{} | {}\n{:gutter$} | {:>col$}",
-                "",
-                self.line,
-                self.source_line,
-                "",
-                "^",
-                col = self.column
-            )?;
-        }
-        Ok(())
-    }
-}
-
-/// Keys whose values are credentials.
-const SECRET_KEYS: [&str; 5] = [
-    "access_token",
-    "project_key",
-    "password",
-    "token",
-    "username",
-];
-
-/// `line` with the value of any credential key replaced by `********`, so
-/// an error excerpt (in a terminal, a journal, a support ticket) never
-/// shows a secret.
-fn mask_secrets(line: &str) -> String {
-    for key in SECRET_KEYS {
-        let mut from = 0;
-        while let Some(at) = line[from..].find(key).map(|i| i + from) {
-            let before_ok = line[..at]
-                .chars()
-                .next_back()
-                .is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'));
-            let rest = line[at + key.len()..].trim_start();
-            if before_ok && rest.starts_with('=') {
-                return format!("{}{key} = ********", &line[..at]);
-            }
-            from = at + key.len();
-        }
-    }
-    line.to_string()
-}
+pub use profile::Library;
 
 /// Reads and validates the config file at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -116,24 +23,19 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     parse(path, &text)
 }
 
-/// Validates config `text`; `path` is only used in messages.
+/// Validates config `text`; `path` is only used in messages. The profiles
+/// it names are read from the search path of its `[gateway] profile_dir`.
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-    let raw: raw::RawConfig = toml::from_str(text).map_err(|e| {
-        let span = e.span().unwrap_or(0..0);
-        ConfigError::Invalid(Located::new(
-            path,
-            text,
-            span,
-            e.message().trim().to_string(),
-        ))
-    })?;
-    raw.into_config()
-        .map_err(|v| ConfigError::Invalid(Located::new(path, text, v.span, v.message)))
+    error::parse_with(path, text, |raw: raw::RawConfig| {
+        let library = Library::new(raw.profile_dir());
+        raw.into_config(&library)
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use error::mask_secrets;
 
     const MINIMAL: &str = r#"
 [gateway]

@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use crate::modbus::{Address, Area, UnitId};
@@ -87,6 +88,8 @@ impl Default for Api {
 pub struct Gateway {
     pub id: String,
     pub data_dir: PathBuf,
+    /// Searched first for device profiles.
+    pub profile_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -323,6 +326,8 @@ pub struct Device {
     pub report: Report,
     pub timeout: Option<Duration>,
     pub points: Vec<Point>,
+    /// The device profile its points come from (SPEC §11), if any.
+    pub profile: Option<Arc<DeviceProfile>>,
 }
 
 impl Device {
@@ -438,6 +443,8 @@ pub struct Point {
     pub alarm: Option<Alarm>,
     /// Its own interval (slow-changing values); `None`: the device's.
     pub poll: Option<Duration>,
+    /// The range `simulate` serves it in.
+    pub sim: Option<(f64, f64)>,
 }
 
 /// When a point is in alarm (SPEC §3 `alarm`).
@@ -464,6 +471,39 @@ impl Point {
     /// Integer types with scale 1 and offset 0 are reported as integers.
     pub fn is_unscaled(&self) -> bool {
         self.scale == 1.0 && self.offset == 0.0
+    }
+}
+
+/// One device model's register map, from a profile file (SPEC §11).
+#[derive(Debug, Clone)]
+pub struct DeviceProfile {
+    pub name: String,
+    pub vendor: String,
+    pub model: String,
+    pub description: String,
+    /// The maker's document the register map was transcribed from.
+    pub source: String,
+    /// Factory line settings.
+    pub baud: Option<u32>,
+    pub parity: Option<Parity>,
+    pub points: Vec<Point>,
+    pub identify: Option<Identify>,
+    /// Where it was found.
+    pub path: PathBuf,
+}
+
+/// How `scan --identify` recognises a model: one read, and the range a
+/// reading of this model falls in.
+#[derive(Debug, Clone)]
+pub struct Identify {
+    /// The register(s) read and their decoding (named `identify`).
+    pub point: Point,
+    pub range: (f64, f64),
+}
+
+impl Identify {
+    pub fn matches(&self, value: f64) -> bool {
+        (self.range.0..=self.range.1).contains(&value)
     }
 }
 

@@ -5,19 +5,15 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::error::Violation;
 use super::model::*;
-
-/// A rule violation at a byte range of the source.
-#[derive(Debug)]
-pub(super) struct Violation {
-    pub(super) span: Range<usize>,
-    pub(super) message: String,
-}
+use super::profile::{Library, LoadError};
 
 type Result<T> = std::result::Result<T, Violation>;
 
@@ -25,6 +21,7 @@ fn violation<T>(span: Range<usize>, message: impl Into<String>) -> Result<T> {
     Err(Violation {
         span,
         message: message.into(),
+        cause: None,
     })
 }
 
@@ -90,6 +87,7 @@ struct RawApi {
 struct RawGateway {
     id: Spanned<String>,
     data_dir: Option<PathBuf>,
+    profile_dir: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Deserialize, Clone, Copy, PartialEq)]
@@ -202,6 +200,10 @@ struct RawDevice {
     report: RawReport,
     heartbeat: Option<Spanned<Dur>>,
     timeout: Option<Spanned<Dur>>,
+    profile: Option<Spanned<String>>,
+    /// With `profile`: only these of its points.
+    #[serde(rename = "points")]
+    only: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(default, rename = "point")]
     points: Vec<Spanned<RawPoint>>,
 }
@@ -260,6 +262,15 @@ struct RawPoint {
     labels: Option<Spanned<std::collections::BTreeMap<String, Spanned<String>>>>,
     alarm: Option<Spanned<RawAlarm>>,
     poll: Option<Spanned<Dur>>,
+    sim: Option<Spanned<RawSim>>,
+}
+
+/// `sim = { min = …, max = … }`: the range `simulate` serves a point in.
+#[derive(Deserialize, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+struct RawSim {
+    min: f64,
+    max: f64,
 }
 
 #[derive(Deserialize)]
@@ -395,13 +406,30 @@ impl<'a> Unique<'a> {
 }
 
 impl RawConfig {
-    pub(super) fn into_config(self) -> Result<Config> {
+    /// `[gateway] profile_dir`, searched first for device profiles.
+    pub(super) fn profile_dir(&self) -> Option<&std::path::Path> {
+        self.gateway.profile_dir.as_ref().map(|d| d.get_ref().as_path())
+    }
+
+    pub(super) fn into_config(self, library: &Library) -> Result<Config> {
         let raw_gateway = self.gateway;
+        if let Some(dir) = &raw_gateway.profile_dir {
+            if !dir.get_ref().is_dir() {
+                return violation(
+                    dir.span(),
+                    format!(
+                        "profile_dir {} is not a directory",
+                        crate::text::quote(&dir.get_ref().display().to_string())
+                    ),
+                );
+            }
+        }
         let gateway = Gateway {
             id: check_name(&raw_gateway.id, "gateway id")?,
             data_dir: raw_gateway
                 .data_dir
                 .unwrap_or_else(|| PathBuf::from("/var/lib/fieldgate")),
+            profile_dir: raw_gateway.profile_dir.map(Spanned::into_inner),
         };
         let platform = self
             .platform
@@ -461,24 +489,19 @@ impl RawConfig {
         let mut device_names = Unique::new("device");
         // Attribute names per platform device: `None` is the gateway itself.
         let mut attributes: HashMap<Option<String>, HashSet<String>> = HashMap::new();
+        // Forty meters of one model read its profile once.
+        let mut profiles: HashMap<String, Arc<DeviceProfile>> = HashMap::new();
         let mut devices = Vec::new();
         for raw in self.devices {
             device_names.insert(&raw.get_ref().name, "")?;
-            let names: Vec<Spanned<String>> = raw
-                .get_ref()
-                .points
-                .iter()
-                .map(|p| p.get_ref().name.clone())
-                .collect();
-            let device = convert_device(raw, &buses)?;
+            let (device, names) = convert_device(raw, &buses, library, &mut profiles)?;
             let seen = attributes.entry(device.key.clone()).or_default();
-            for name in names {
-                if !seen.insert(name.get_ref().clone()) {
+            for (name, span) in names {
+                if !seen.insert(name.clone()) {
                     return violation(
-                        name.span(),
+                        span,
                         format!(
-                            "attribute {:?} is already defined by another device reporting to {}",
-                            name.get_ref(),
+                            "attribute {name:?} is already defined by another device reporting to {}",
                             match &device.key {
                                 Some(k) => format!("sub-device key {k:?}"),
                                 None => "the gateway itself (no key)".to_string(),
@@ -868,6 +891,14 @@ fn convert_transport(raw: &RawBus, span: Range<usize>) -> Result<(Transport, Str
     }
 }
 
+fn convert_parity(raw: RawParity) -> Parity {
+    match raw {
+        RawParity::None => Parity::None,
+        RawParity::Even => Parity::Even,
+        RawParity::Odd => Parity::Odd,
+    }
+}
+
 fn convert_bus(raw: RawBus, span: Range<usize>) -> Result<Bus> {
     let name = check_name(&raw.name, "bus name")?;
     if !(300..=4_000_000).contains(raw.baud.get_ref()) {
@@ -906,11 +937,7 @@ fn convert_bus(raw: RawBus, span: Range<usize>) -> Result<Bus> {
         transport,
         port,
         baud: *raw.baud.get_ref(),
-        parity: match raw.parity {
-            RawParity::None => Parity::None,
-            RawParity::Even => Parity::Even,
-            RawParity::Odd => Parity::Odd,
-        },
+        parity: convert_parity(raw.parity),
         data_bits,
         stop_bits,
         timeout,
@@ -926,7 +953,16 @@ fn convert_bus(raw: RawBus, span: Range<usize>) -> Result<Bus> {
     })
 }
 
-fn convert_device(raw: Spanned<RawDevice>, buses: &[Bus]) -> Result<Device> {
+/// A device and, for the attribute rule, each of its point names with the
+/// place that defines it (its own point, or its `profile` value).
+type DeviceAndNames = (Device, Vec<(String, Range<usize>)>);
+
+fn convert_device(
+    raw: Spanned<RawDevice>,
+    buses: &[Bus],
+    library: &Library,
+    profiles: &mut HashMap<String, Arc<DeviceProfile>>,
+) -> Result<DeviceAndNames> {
     let raw = raw.into_inner();
     let name = check_name(&raw.name, "device name")?;
     let Some(bus) = buses.iter().find(|b| &b.name == raw.bus.get_ref()) else {
@@ -995,28 +1031,134 @@ fn convert_device(raw: Spanned<RawDevice>, buses: &[Bus]) -> Result<Device> {
         .as_ref()
         .map(|t| positive(t, "timeout", MAX_TIMEOUT))
         .transpose()?;
-    if raw.points.is_empty() {
-        return violation(
-            raw.name.span(),
-            format!("device {name:?} has no [[device.point]]"),
-        );
-    }
+    let profile = raw
+        .profile
+        .as_ref()
+        .map(|p| profile_named(p, library, profiles))
+        .transpose()?;
+    let mut points = match (&profile, &raw.only) {
+        (Some(profile), Some(only)) => select_points(profile, only)?,
+        (Some(profile), None) => profile.points.clone(),
+        (None, Some(only)) => {
+            return violation(
+                only.span(),
+                "points chooses points of a profile; it needs profile = \"…\"",
+            )
+        }
+        (None, None) => Vec::new(),
+    };
+    let profile_span = raw.profile.as_ref().map_or(0..0, Spanned::span);
+    let mut names: Vec<(String, Range<usize>)> = points
+        .iter()
+        .map(|p| (p.name.clone(), profile_span.clone()))
+        .collect();
     let mut point_names = Unique::new("point");
-    let mut points = Vec::new();
     for p in &raw.points {
-        point_names.insert(&p.get_ref().name, &format!(" in device {name:?}"))?;
+        let point_name = &p.get_ref().name;
+        if let Some(profile) = &profile {
+            if points.iter().any(|q| &q.name == point_name.get_ref()) {
+                return violation(
+                    point_name.span(),
+                    format!(
+                        "point {:?} is already defined by profile {:?} (leave it out of the profile's with points = […] to define it here)",
+                        point_name.get_ref(),
+                        profile.name
+                    ),
+                );
+            }
+        }
+        point_names.insert(point_name, &format!(" in device {name:?}"))?;
+        names.push((point_name.get_ref().clone(), point_name.span()));
+    }
+    for p in &raw.points {
         points.push(convert_point(p)?);
     }
-    Ok(Device {
-        name,
-        bus: bus.name.clone(),
-        unit,
-        poll,
-        key,
-        report,
-        timeout,
-        points,
-    })
+    if points.is_empty() {
+        return violation(
+            raw.name.span(),
+            format!("device {name:?} has no points: give it a profile or [[device.point]]s"),
+        );
+    }
+    Ok((
+        Device {
+            name,
+            bus: bus.name.clone(),
+            unit,
+            poll,
+            key,
+            report,
+            timeout,
+            points,
+            profile,
+        },
+        names,
+    ))
+}
+
+/// The profile `name`, read once per config.
+fn profile_named(
+    name: &Spanned<String>,
+    library: &Library,
+    cache: &mut HashMap<String, Arc<DeviceProfile>>,
+) -> Result<Arc<DeviceProfile>> {
+    let text = check_name(name, "profile name")?;
+    if let Some(profile) = cache.get(&text) {
+        return Ok(profile.clone());
+    }
+    match library.load(&text) {
+        Ok(profile) => {
+            let profile = Arc::new(profile);
+            cache.insert(text, profile.clone());
+            Ok(profile)
+        }
+        Err(LoadError::NotFound) => violation(
+            name.span(),
+            format!(
+                "no profile {text:?} (searched {}; `fieldgate profiles` lists them)",
+                library.describe()
+            ),
+        ),
+        Err(LoadError::Broken(error)) => Err(Violation {
+            span: name.span(),
+            message: format!("profile {text:?} is used here"),
+            cause: Some(Box::new(error)),
+        }),
+    }
+}
+
+/// `points = [...]`: the named points of `profile`, in the profile's order.
+fn select_points(
+    profile: &DeviceProfile,
+    only: &Spanned<Vec<Spanned<String>>>,
+) -> Result<Vec<Point>> {
+    if only.get_ref().is_empty() {
+        return violation(
+            only.span(),
+            "points is empty (leave it out for all of the profile's points)",
+        );
+    }
+    let mut seen = Unique::new("point");
+    for name in only.get_ref() {
+        seen.insert(name, " in points")?;
+        if !profile.points.iter().any(|p| &p.name == name.get_ref()) {
+            let known: Vec<&str> = profile.points.iter().map(|p| p.name.as_str()).collect();
+            return violation(
+                name.span(),
+                format!(
+                    "profile {:?} has no point {:?} (it has: {})",
+                    profile.name,
+                    name.get_ref(),
+                    known.join(", ")
+                ),
+            );
+        }
+    }
+    Ok(profile
+        .points
+        .iter()
+        .filter(|p| only.get_ref().iter().any(|n| n.get_ref() == &p.name))
+        .cloned()
+        .collect())
 }
 
 fn convert_point(raw: &Spanned<RawPoint>) -> Result<Point> {
@@ -1184,6 +1326,19 @@ fn convert_point(raw: &Spanned<RawPoint>) -> Result<Point> {
         .as_ref()
         .map(|a| convert_alarm(a, kind))
         .transpose()?;
+    let sim = match &raw.sim {
+        Some(sim) if kind.is_bool() || matches!(kind, Kind::String { .. }) => {
+            return violation(sim.span(), "sim is a range for number points")
+        }
+        Some(sim) => {
+            let RawSim { min, max } = *sim.get_ref();
+            if !(min.is_finite() && max.is_finite() && min < max) {
+                return violation(sim.span(), "sim needs finite min < max");
+            }
+            Some((min, max))
+        }
+        None => None,
+    };
     Ok(Point {
         name,
         area,
@@ -1204,6 +1359,7 @@ fn convert_point(raw: &Spanned<RawPoint>) -> Result<Point> {
             .as_ref()
             .map(|p| positive(p, "poll", MAX_INTERVAL))
             .transpose()?,
+        sim,
     })
 }
 
@@ -1334,6 +1490,130 @@ fn convert_alarm(raw: &Spanned<RawAlarm>, kind: Kind) -> Result<Alarm> {
         below,
         hysteresis,
         after,
+    })
+}
+
+/// A profile file (SPEC §11): one device model's register map.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawProfileFile {
+    profile: Spanned<RawProfileHeader>,
+    #[serde(default, rename = "point")]
+    points: Vec<Spanned<RawPoint>>,
+    identify: Option<Spanned<RawIdentify>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProfileHeader {
+    name: Spanned<String>,
+    vendor: Spanned<String>,
+    model: Spanned<String>,
+    description: Option<String>,
+    source: Spanned<String>,
+    baud: Option<Spanned<u32>>,
+    parity: Option<RawParity>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentify {
+    area: RawArea,
+    address: Spanned<i64>,
+    #[serde(rename = "type")]
+    kind: Spanned<RawType>,
+    order: Option<Spanned<RawOrder>>,
+    scale: Option<Spanned<f64>>,
+    offset: Option<Spanned<f64>>,
+    range: Spanned<[f64; 2]>,
+}
+
+impl RawProfileFile {
+    /// The profile found at `path`; its name must be the file's (`stem`).
+    pub(super) fn into_profile(self, stem: &str, path: PathBuf) -> Result<DeviceProfile> {
+        let span = self.profile.span();
+        let header = self.profile.into_inner();
+        let name = check_name(&header.name, "profile name")?;
+        if name != stem {
+            return violation(
+                header.name.span(),
+                format!("the profile's name must be its file name without .toml ({stem:?})"),
+            );
+        }
+        for (field, what) in [
+            (&header.vendor, "vendor"),
+            (&header.model, "model"),
+            (&header.source, "source (the maker's document and its version)"),
+        ] {
+            if field.get_ref().trim().is_empty() {
+                return violation(field.span(), format!("{what} must not be empty"));
+            }
+        }
+        if let Some(baud) = &header.baud {
+            if !(300..=4_000_000).contains(baud.get_ref()) {
+                return violation(baud.span(), "baud must be 300..4000000");
+            }
+        }
+        if self.points.is_empty() {
+            return violation(span, "a profile needs at least one [[point]]");
+        }
+        let mut names = Unique::new("point");
+        let mut points = Vec::new();
+        for p in &self.points {
+            names.insert(&p.get_ref().name, " in this profile")?;
+            points.push(convert_point(p)?);
+        }
+        Ok(DeviceProfile {
+            name,
+            vendor: header.vendor.into_inner(),
+            model: header.model.into_inner(),
+            description: header.description.unwrap_or_default(),
+            source: header.source.into_inner(),
+            baud: header.baud.map(Spanned::into_inner),
+            parity: header.parity.map(convert_parity),
+            points,
+            identify: self.identify.as_ref().map(convert_identify).transpose()?,
+            path,
+        })
+    }
+}
+
+/// `[identify]`: decoded like a point (checked by the same rules), with the
+/// range a reading of this model falls in.
+fn convert_identify(raw: &Spanned<RawIdentify>) -> Result<Identify> {
+    let span = raw.span();
+    let raw = raw.get_ref();
+    let as_point = RawPoint {
+        name: Spanned::new(span.clone(), "identify".to_string()),
+        area: raw.area,
+        address: raw.address.clone(),
+        kind: raw.kind.clone(),
+        order: raw.order.clone(),
+        scale: raw.scale.clone(),
+        offset: raw.offset.clone(),
+        bit: None,
+        length: None,
+        unit: None,
+        writable: None,
+        min: None,
+        max: None,
+        deadband: None,
+        labels: None,
+        alarm: None,
+        poll: None,
+        sim: None,
+    };
+    let point = convert_point(&Spanned::new(span, as_point))?;
+    if point.kind.is_bool() || matches!(point.kind, Kind::String { .. }) {
+        return violation(raw.kind.span(), "identify reads a number");
+    }
+    let [low, high] = *raw.range.get_ref();
+    if !(low.is_finite() && high.is_finite() && low <= high) {
+        return violation(raw.range.span(), "range is [low, high] with low <= high");
+    }
+    Ok(Identify {
+        point,
+        range: (low, high),
     })
 }
 

@@ -188,6 +188,7 @@ mod tests {
             labels: Vec::new(),
             alarm: None,
             poll: None,
+            sim: None,
         }
     }
 
