@@ -328,4 +328,163 @@ type = "u16"
         )
         .unwrap();
     }
+
+    /// A config whose one device `d` uses `device` keys (profile, points,
+    /// own points), with `[gateway] profile_dir` if given.
+    fn with_profile(profile_dir: Option<&Path>, device: &str) -> String {
+        let dir = profile_dir.map_or(String::new(), |d| {
+            format!("profile_dir = \"{}\"\n", d.display())
+        });
+        format!(
+            "[gateway]\nid = \"gw\"\n{dir}\n[[bus]]\nname = \"b\"\nport = \"/dev/null\"\n\n[[device]]\nname = \"d\"\nbus = \"b\"\nunit = 1\n{device}\n"
+        )
+    }
+
+    #[test]
+    fn a_device_takes_its_points_from_a_profile() {
+        let c = parse(
+            Path::new("t.toml"),
+            &with_profile(None, "profile = \"eastron-sdm630\""),
+        )
+        .unwrap();
+        let d = &c.devices[0];
+        assert_eq!(d.profile.as_ref().unwrap().name, "eastron-sdm630");
+        let v = d.point("voltage_l1").unwrap();
+        assert_eq!((v.area, v.address, v.kind), (Area::Input, 0, Kind::F32));
+        assert!(d.points.len() > 20);
+
+        let some = with_profile(
+            None,
+            "profile = \"eastron-sdm630\"\npoints = [\"power_total\", \"voltage_l1\"]\n\n[[device.point]]\nname = \"demand\"\narea = \"input\"\naddress = 0x54\ntype = \"f32\"",
+        );
+        let c = parse(Path::new("t.toml"), &some).unwrap();
+        let names: Vec<&str> = c.devices[0]
+            .points
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect();
+        // The profile's order, then the device's own.
+        assert_eq!(names, ["voltage_l1", "power_total", "demand"]);
+    }
+
+    #[test]
+    fn profile_rules_are_enforced() {
+        let point = "[[device.point]]\nname = \"voltage_l1\"\narea = \"input\"\naddress = 0\ntype = \"u16\"";
+        for (device, expect, line_col) in [
+            (
+                "profile = \"nope\"",
+                "no profile \"nope\" (searched",
+                (12, 11),
+            ),
+            ("profile = \"../x\"", "may only contain", (12, 11)),
+            ("points = [\"a\"]", "needs profile", (12, 10)),
+            (
+                "profile = \"xy-md02\"\npoints = []",
+                "points is empty",
+                (13, 10),
+            ),
+            (
+                "profile = \"xy-md02\"\npoints = [\"temperature\", \"wind\"]",
+                "has no point \"wind\" (it has: temperature, humidity",
+                (13, 26),
+            ),
+            (
+                "profile = \"xy-md02\"\npoints = [\"humidity\", \"humidity\"]",
+                "duplicate point",
+                (13, 23),
+            ),
+            (
+                &format!("profile = \"eastron-sdm120\"\n\n{point}"),
+                "already defined by profile \"eastron-sdm120\"",
+                (15, 8),
+            ),
+            ("", "has no points", (9, 8)),
+        ] {
+            let text = with_profile(None, device);
+            let e = error_of(&text);
+            assert!(e.message.contains(expect), "{device}: {}", e.message);
+            assert_eq!((e.line, e.column), line_col, "{device}: {e}");
+        }
+        // Leaving the profile's point out makes room for one of its own.
+        let own = with_profile(
+            None,
+            &format!("profile = \"eastron-sdm120\"\npoints = [\"power_total\"]\n\n{point}"),
+        );
+        parse(Path::new("t.toml"), &own).unwrap();
+        // Two devices of one profile on one platform device collide, named
+        // at the second device's profile.
+        let twice = format!(
+            "{}\n[[device]]\nname = \"e\"\nbus = \"b\"\nunit = 2\nprofile = \"xy-md02\"\n",
+            with_profile(None, "profile = \"xy-md02\"")
+        );
+        let e = error_of(&twice);
+        assert!(
+            e.message.contains("already defined by another device"),
+            "{e}"
+        );
+        assert_eq!(e.line, 18, "{e}");
+        let e = error_of(&with_profile(
+            Some(Path::new("/nonexistent/profiles")),
+            "profile = \"xy-md02\"",
+        ));
+        assert!(e.message.contains("is not a directory"), "{e}");
+        let e = error_of(&MINIMAL.replace(
+            "type = \"u16\"",
+            "type = \"bool\"\nsim = { min = 0.0, max = 1.0 }",
+        ));
+        assert!(e.message.contains("number points"), "{e}");
+        let e = error_of(&MINIMAL.replace(
+            "type = \"u16\"",
+            "type = \"u16\"\nsim = { min = 2.0, max = 1.0 }",
+        ));
+        assert!(e.message.contains("min < max"), "{e}");
+    }
+
+    #[test]
+    fn profile_dir_comes_first_and_a_broken_profile_is_named_with_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        // A site's own xy-md02 replaces the shipped one.
+        let own = "[profile]\nname = \"xy-md02\"\nvendor = \"v\"\nmodel = \"m\"\nsource = \"s\"\n\n[[point]]\nname = \"t\"\narea = \"input\"\naddress = 7\ntype = \"i16\"\n";
+        std::fs::write(dir.path().join("xy-md02.toml"), own).unwrap();
+        let c = parse(
+            Path::new("t.toml"),
+            &with_profile(Some(dir.path()), "profile = \"xy-md02\""),
+        )
+        .unwrap();
+        assert_eq!(c.devices[0].points[0].address, 7);
+        assert_eq!(
+            c.devices[0].profile.as_ref().unwrap().path,
+            dir.path().join("xy-md02.toml")
+        );
+
+        let broken = own.replace("type = \"i16\"", "type = \"i16\"\nwritable = true");
+        std::fs::write(dir.path().join("xy-md02.toml"), &broken).unwrap();
+        let text = with_profile(Some(dir.path()), "profile = \"xy-md02\"");
+        let e = parse(Path::new("t.toml"), &text).unwrap_err();
+        let shown = e.to_string();
+        let file = dir.path().join("xy-md02.toml");
+        assert!(
+            shown.starts_with(&format!("{}:12:12: ", file.display())),
+            "{shown}"
+        );
+        assert!(shown.contains("read-only"), "{shown}");
+        assert!(
+            shown.contains("t.toml:13:11: profile \"xy-md02\" is used here"),
+            "{shown}"
+        );
+
+        for (bad, expect) in [
+            (own.replace("name = \"xy-md02\"", "name = \"other\""), "file name"),
+            (own.replace("source = \"s\"", "source = \" \""), "source"),
+            (own.replace("vendor = \"v\"\n", ""), "missing field `vendor`"),
+            (format!("{own}\n[identify]\narea = \"input\"\naddress = 7\ntype = \"i16\"\nrange = [5.0, 1.0]\n"), "low <= high"),
+            (format!("{own}\n[identify]\narea = \"coil\"\naddress = 7\ntype = \"bool\"\nrange = [1.0, 1.0]\n"), "reads a number"),
+            (own.replace("[[point]]", "[[points]]"), "unknown field"),
+        ] {
+            std::fs::write(dir.path().join("xy-md02.toml"), &bad).unwrap();
+            let shown = parse(Path::new("t.toml"), &text).unwrap_err().to_string();
+            assert!(shown.contains(expect), "{expect}: {shown}");
+            assert!(shown.starts_with(&file.display().to_string()), "{shown}");
+        }
+    }
 }

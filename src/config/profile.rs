@@ -45,7 +45,10 @@ const BUILT_IN: &[(&str, &str)] = &[
         "peacefair-pzem016",
         include_str!("../../config/profiles/peacefair-pzem016.toml"),
     ),
-    ("xy-md02", include_str!("../../config/profiles/xy-md02.toml")),
+    (
+        "xy-md02",
+        include_str!("../../config/profiles/xy-md02.toml"),
+    ),
 ];
 
 /// Why a profile could not be had.
@@ -108,7 +111,9 @@ impl Library {
             for entry in entries.flatten() {
                 let path = entry.path();
                 let stem = path.file_stem().and_then(|s| s.to_str());
-                if let (Some(stem), Some("toml")) = (stem, path.extension().and_then(|e| e.to_str())) {
+                if let (Some(stem), Some("toml")) =
+                    (stem, path.extension().and_then(|e| e.to_str()))
+                {
                     if is_name(stem) {
                         names.push(stem.to_string());
                     }
@@ -159,7 +164,8 @@ mod tests {
             .flatten()
             .filter_map(|e| {
                 let path = e.path();
-                (path.extension()? == "toml").then(|| path.file_stem()?.to_str().map(String::from))?
+                (path.extension()? == "toml")
+                    .then(|| path.file_stem()?.to_str().map(String::from))?
             })
             .collect();
         shipped.sort();

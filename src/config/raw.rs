@@ -408,7 +408,10 @@ impl<'a> Unique<'a> {
 impl RawConfig {
     /// `[gateway] profile_dir`, searched first for device profiles.
     pub(super) fn profile_dir(&self) -> Option<&std::path::Path> {
-        self.gateway.profile_dir.as_ref().map(|d| d.get_ref().as_path())
+        self.gateway
+            .profile_dir
+            .as_ref()
+            .map(|d| d.get_ref().as_path())
     }
 
     pub(super) fn into_config(self, library: &Library) -> Result<Config> {
@@ -1543,7 +1546,10 @@ impl RawProfileFile {
         for (field, what) in [
             (&header.vendor, "vendor"),
             (&header.model, "model"),
-            (&header.source, "source (the maker's document and its version)"),
+            (
+                &header.source,
+                "source (the maker's document and its version)",
+            ),
         ] {
             if field.get_ref().trim().is_empty() {
                 return violation(field.span(), format!("{what} must not be empty"));
