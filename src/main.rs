@@ -67,6 +67,11 @@ enum Command {
         /// Only this bus (default: all)
         bus: Option<String>,
     },
+    /// List the device profiles found, or show one point by point
+    Profiles {
+        /// The profile to show (default: list them all)
+        name: Option<String>,
+    },
 }
 
 /// To the journal when systemd connected stderr to it (JOURNAL_STREAM), with
@@ -144,6 +149,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Buffer => commands::buffer::run(&load()?),
         Command::Scan { bus, units } => commands::scan::run(&load()?, &bus, units).await,
         Command::Trace { bus } => commands::trace::run(&load()?, bus.as_deref()).await,
+        Command::Profiles { name } => commands::profiles::run(&cli.config, name.as_deref()),
     }
 }
 

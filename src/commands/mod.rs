@@ -5,6 +5,7 @@ pub mod buffer;
 pub mod check;
 #[cfg(feature = "sim")]
 pub mod demo;
+pub mod profiles;
 pub mod read;
 pub mod scan;
 #[cfg(feature = "sim")]
@@ -35,6 +36,34 @@ pub fn hex_words(regs: &[u16]) -> String {
             out.push(' ');
         }
         let _ = write!(out, "{r:04X}");
+    }
+    out
+}
+
+/// Rows as left-aligned columns two spaces apart (the last unpadded).
+pub fn table<R: AsRef<[String]>>(rows: &[R]) -> String {
+    let columns = rows.iter().map(|r| r.as_ref().len()).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.as_ref().get(c))
+                .map(|cell| cell.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells = row.as_ref();
+        for (c, cell) in cells.iter().enumerate() {
+            if c + 1 == cells.len() {
+                out.push_str(cell);
+            } else {
+                let _ = write!(out, "{cell:<w$}  ", w = widths[c]);
+            }
+        }
+        out.truncate(out.trim_end_matches(' ').len());
+        out.push('\n');
     }
     out
 }

@@ -5,7 +5,7 @@
 
 use crate::api::client::Daemon;
 use crate::bus::Bus;
-use crate::commands::hex_words;
+use crate::commands::{hex_words, table};
 use crate::config::{Config, Device};
 use crate::poll::job::read_points;
 use crate::poll::{plan, PointRead};
@@ -71,9 +71,6 @@ pub fn show(config: &Config, device: &Device, reads: &[PointRead]) -> anyhow::Re
             read.unit.clone().unwrap_or_default(),
         ]);
     }
-    let widths: Vec<usize> = (0..4)
-        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
-        .collect();
     let (port, requests) = config.bus(&device.bus).map_or((String::new(), 0), |bus| {
         (bus.port.clone(), plan::plan(&device.points, bus).len())
     });
@@ -81,18 +78,7 @@ pub fn show(config: &Config, device: &Device, reads: &[PointRead]) -> anyhow::Re
         "device {} (unit {} on bus {}, {port}): {requests} requests",
         device.name, device.unit, device.bus,
     );
-    for row in &rows {
-        println!(
-            "{:<w0$}  {:<w1$}  {:<w2$}  {}",
-            row[0],
-            row[1],
-            row[2],
-            row[3],
-            w0 = widths[0],
-            w1 = widths[1],
-            w2 = widths[2]
-        );
-    }
+    print!("{}", table(&rows));
     if reads.iter().all(|r| r.value.is_none()) {
         anyhow::bail!("no point of {} could be read", device.name);
     }

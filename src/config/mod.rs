@@ -12,7 +12,7 @@ use std::path::Path;
 
 pub use error::{ConfigError, Located};
 pub use model::*;
-pub use profile::Library;
+pub use profile::{Library, LoadError};
 
 /// Reads and validates the config file at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -21,6 +21,15 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         io,
     })?;
     parse(path, &text)
+}
+
+/// `[gateway] profile_dir` of the config at `path`, read leniently (for
+/// `profiles`, which must work with a config that is missing or broken).
+pub fn profile_dir_of(path: &Path) -> Option<std::path::PathBuf> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let table: toml::Table = text.parse().ok()?;
+    let dir = table.get("gateway")?.get("profile_dir")?.as_str()?;
+    Some(std::path::PathBuf::from(dir))
 }
 
 /// Validates config `text`; `path` is only used in messages. The profiles
