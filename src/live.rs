@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::bus::tap::ModbusMetrics;
-use crate::config::{Config, Device};
+use crate::config::{Config, Device, Library};
 use crate::outbox::Outbox;
 use crate::poll::{BusHandle, DeviceStatus};
 use crate::record::ms_since_epoch;
@@ -110,6 +110,8 @@ pub struct Live {
     pub outbox: Outbox,
     pub uplink: Arc<UplinkStats>,
     pub metrics: ModbusMetrics,
+    /// The config's profile search path, for `scan` with identify.
+    pub profiles: Library,
 }
 
 impl Live {
@@ -128,6 +130,7 @@ impl Live {
             outbox,
             uplink,
             metrics,
+            profiles: Library::new(config.gateway.profile_dir.as_deref()),
         }
     }
 

@@ -61,6 +61,9 @@ enum Command {
         /// Unit ids to probe, e.g. 1-247 or 5
         #[arg(long, default_value = "1-247", value_parser = fieldgate::poll::scan::parse_units)]
         units: std::ops::RangeInclusive<u8>,
+        /// Also name the device profiles each answering unit matches
+        #[arg(long)]
+        identify: bool,
     },
     /// Live view of every Modbus transaction the running daemon makes
     Trace {
@@ -147,7 +150,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         )
         .into()),
         Command::Buffer => commands::buffer::run(&load()?),
-        Command::Scan { bus, units } => commands::scan::run(&load()?, &bus, units).await,
+        Command::Scan {
+            bus,
+            units,
+            identify,
+        } => commands::scan::run(&load()?, &bus, units, identify).await,
         Command::Trace { bus } => commands::trace::run(&load()?, bus.as_deref()).await,
         Command::Profiles { name } => commands::profiles::run(&cli.config, name.as_deref()),
     }

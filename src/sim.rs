@@ -268,7 +268,9 @@ impl Slaves {
                             let value = if p.kind.is_bool() {
                                 Value::Bool(toggle)
                             } else {
-                                let (lo, hi) = synthetic_range(p);
+                                let identify =
+                                    device.profile.as_ref().and_then(|p| p.identify.as_ref());
+                                let (lo, hi) = synthetic_range(p, identify);
                                 let mid = (lo + hi) / 2.0;
                                 Value::Float(mid + (hi - lo) / 2.0 * (t / 30.0 + phase).sin())
                             };
@@ -277,6 +279,22 @@ impl Slaves {
                             if let Ok(regs) = codec::encode_registers(p, &value, current) {
                                 unit.set_registers(p.area, p.address, &regs);
                             }
+                        }
+                    }
+                }
+                // What `scan --identify` reads, in its range, unless a point
+                // of the device already serves those registers.
+                if let Some(identify) = device.profile.as_ref().and_then(|p| p.identify.as_ref()) {
+                    let p = &identify.point;
+                    let served = device
+                        .points
+                        .iter()
+                        .any(|q| q.area == p.area && q.address <= p.address && q.end() >= p.end());
+                    if !served {
+                        let (lo, hi) = identify.range;
+                        let value = Value::Float((lo + hi) / 2.0);
+                        if let Ok(regs) = codec::encode_registers(p, &value, 0) {
+                            unit.set_registers(p.area, p.address, &regs);
                         }
                     }
                 }
@@ -490,9 +508,19 @@ fn open_line() -> io::Result<(tokio_serial::SerialStream, OwnedFd, PathBuf)> {
     Ok((stream, pty.slave, path))
 }
 
-/// A typical range for a synthetic value: the write range if given, else
-/// one that fits the type after scale/offset.
-fn synthetic_range(p: &config::Point) -> (f64, f64) {
+/// A typical range for a synthetic value: the point's `sim` range, else
+/// its profile's identify range if it is what identify reads, else the
+/// write range if given, else one that fits the type after scale/offset.
+fn synthetic_range(p: &config::Point, identify: Option<&config::Identify>) -> (f64, f64) {
+    if let Some(range) = p.sim {
+        return range;
+    }
+    if let Some(identify) = identify {
+        let q = &identify.point;
+        if (q.area, q.address, q.kind) == (p.area, p.address, p.kind) {
+            return identify.range;
+        }
+    }
     if let (Some(lo), Some(hi)) = (p.min, p.max) {
         return (lo, hi);
     }

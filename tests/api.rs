@@ -20,10 +20,6 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-fn free_port() -> u16 {
-    fieldgate::broker::free_port().expect("free port")
-}
-
 /// One HTTP/1.1 request; the status and the body.
 async fn http(
     addr: SocketAddr,

@@ -570,3 +570,132 @@ fn simulate_then_scan_and_read_over_tcp_and_a_dial_in_bus() {
         );
     }
 }
+
+/// `simulate` serves profile devices with plausible values (their `sim`
+/// ranges) and answers `scan --identify` as the real models would;
+/// `profiles` lists and shows the library.
+#[test]
+fn simulate_serves_profile_devices_that_scan_identifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = |port: &str| {
+        format!(
+            "[gateway]\nid = \"gw\"\ndata_dir = \"{}\"\n\n[api]\nlisten = \"\"\n\n[[bus]]\nname = \"line\"\nport = \"{port}\"\n\n[[device]]\nname = \"main\"\nbus = \"line\"\nunit = 1\nprofile = \"eastron-sdm630\"\n\n[[device]]\nname = \"room\"\nbus = \"line\"\nunit = 2\nkey = \"room\"\nprofile = \"xy-md02\"\n",
+            dir.path().join("data").display()
+        )
+    };
+    let path = dir.path().join("fieldgate.toml");
+    std::fs::write(&path, config("/dev/ttyUSB0")).unwrap();
+    let path = path.to_str().unwrap().to_string();
+    let mut sim = Running(
+        fieldgate()
+            .args(["--config", &path, "simulate"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(sim.0.stdout.take().unwrap()).lines();
+    let line = wait_for_line(&mut lines, Duration::from_secs(5), |l| {
+        l.starts_with("bus line: ")
+    })
+    .expect("simulate prints its pty");
+    let pty = line.split_whitespace().nth(2).unwrap().to_string();
+    std::fs::write(&path, config(&pty)).unwrap();
+
+    let read = fieldgate()
+        .args(["--config", &path, "read", "main", "voltage_l1", "frequency"])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&read.stdout);
+    assert_eq!(read.status.code(), Some(0), "{table}");
+    let value = |name: &str| -> f64 {
+        let row = table
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} in\n{table}"));
+        row.split_whitespace().nth(3).unwrap().parse().unwrap()
+    };
+    let (volts, hertz) = (value("voltage_l1"), value("frequency"));
+    assert!((228.0..=234.0).contains(&volts), "{table}");
+    assert!((49.9..=50.1).contains(&hertz), "{table}");
+
+    let scan = fieldgate()
+        .args([
+            "--config",
+            &path,
+            "scan",
+            "line",
+            "--units",
+            "1-3",
+            "--identify",
+        ])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&scan.stdout);
+    assert_eq!(scan.status.code(), Some(0), "{report}");
+    let unit = |n: u8| {
+        report
+            .lines()
+            .find(|l| l.starts_with(&format!("unit {n}: ")))
+            .unwrap_or_else(|| panic!("no unit {n} in\n{report}"))
+            .to_string()
+    };
+    assert!(
+        unit(1).contains("eastron-sdm630 (Eastron SDM630-Modbus V2)"),
+        "{report}"
+    );
+    assert!(unit(2).contains("matches profile xy-md02 ("), "{report}");
+    assert!(report.contains("2 of 3 unit ids answered"), "{report}");
+
+    let list = fieldgate()
+        .args(["--config", &path, "profiles"])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&list.stdout);
+    assert_eq!(list.status.code(), Some(0), "{listed}");
+    for name in [
+        "eastron-sdm120",
+        "eastron-sdm230",
+        "eastron-sdm630",
+        "chint-ddsu666",
+        "chint-dtsu666",
+        "xy-md02",
+    ] {
+        assert!(listed.contains(name), "{listed}");
+    }
+    let one = fieldgate()
+        .args(["--config", &path, "profiles", "eastron-sdm630"])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&one.stdout);
+    assert!(
+        shown.contains("source:   Eastron SDM630 Modbus protocol"),
+        "{shown}"
+    );
+    let row = shown
+        .lines()
+        .find(|l| l.starts_with("voltage_l1 "))
+        .unwrap_or_else(|| panic!("{shown}"));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        cells,
+        [
+            "voltage_l1",
+            "input",
+            "0",
+            "(0x0000)",
+            "30001",
+            "f32",
+            "ABCD",
+            "1",
+            "V",
+            "r"
+        ]
+    );
+    let missing = fieldgate()
+        .args(["--config", &path, "profiles", "nope"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no profile \"nope\""));
+}

@@ -139,9 +139,18 @@ impl Daemon {
             .map(drop)
     }
 
-    /// Scans `units` on `bus` through its bus owner.
-    pub async fn scan(&self, bus: &str, units: &RangeInclusive<u8>) -> anyhow::Result<Vec<Probe>> {
-        let body = json!({ "units": format!("{}-{}", units.start(), units.end()) });
+    /// Scans `units` on `bus` through its bus owner (matching answering
+    /// units against the daemon's profiles with `identify`).
+    pub async fn scan(
+        &self,
+        bus: &str,
+        units: &RangeInclusive<u8>,
+        identify: bool,
+    ) -> anyhow::Result<Vec<Probe>> {
+        let body = json!({
+            "units": format!("{}-{}", units.start(), units.end()),
+            "identify": identify,
+        });
         let answer = self
             .post(&format!("/api/v1/buses/{bus}/scan"), body)
             .await?;

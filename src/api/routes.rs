@@ -22,7 +22,7 @@ use tokio::sync::{broadcast, oneshot};
 use super::auth;
 use crate::live::{values_json, Live};
 use crate::poll::job::{Job, ReadOutcome, WriteOutcome};
-use crate::poll::scan::{parse_units, Answer, Probe};
+use crate::poll::scan::{parse_units, Answer, Identifier, Probe};
 use crate::poll::BusHandle;
 use crate::router::downlink::Target;
 use crate::router::write;
@@ -306,11 +306,16 @@ async fn scan(
     let request: ScanBody = body(&bytes)?;
     let invalid = |reason: String| Refusal(StatusCode::UNPROCESSABLE_ENTITY, reason);
     let units = parse_units(&request.units).map_err(invalid)?;
-    if request.identify {
-        return Err(invalid(
-            "identify needs device profiles, which this version does not have yet".into(),
-        ));
-    }
+    let identify = if request.identify {
+        let library = app.live.profiles.clone();
+        let profiles = tokio::task::spawn_blocking(move || library.all())
+            .await
+            .map_err(|e| Refusal(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        let usable: Vec<_> = profiles.into_iter().filter_map(Result::ok).collect();
+        Some(Arc::new(Identifier::new(&usable)))
+    } else {
+        None
+    };
     let field = app.live.field();
     let bus = field.bus(&name).ok_or_else(|| {
         Refusal(
@@ -321,7 +326,12 @@ async fn scan(
     let mut probes: Vec<Probe> = Vec::new();
     for unit in units.filter_map(crate::config::UnitId::new) {
         let (reply, answer) = oneshot::channel();
-        let probe = ask(Some(bus), Job::Probe { unit, reply }, answer).await?;
+        let job = Job::Probe {
+            unit,
+            identify: identify.clone(),
+            reply,
+        };
+        let probe = ask(Some(bus), job, answer).await?;
         let stop = matches!(probe.answer, Answer::Disconnected { .. });
         probes.push(probe);
         if stop {

@@ -5,12 +5,13 @@
 //! nothing else ever holds the bus or the outbox.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde_json::{json, Map, Value as Json};
 use tokio::sync::oneshot;
 
-use super::scan::Probe;
+use super::scan::{Identifier, Probe};
 use super::{plan, read_device, PointRead};
 use crate::bus::Bus;
 use crate::codec::{self, Value};
@@ -132,9 +133,11 @@ pub enum Job {
         device: Device,
         reply: oneshot::Sender<ReadOutcome>,
     },
-    /// One scan probe: a read of holding register 0 of `unit`, one attempt.
+    /// One scan probe: a read of holding register 0 of `unit`, one attempt;
+    /// with an identifier, its reads too when the unit answers.
     Probe {
         unit: UnitId,
+        identify: Option<Arc<Identifier>>,
         reply: oneshot::Sender<Probe>,
     },
 }
@@ -189,7 +192,7 @@ impl Job {
                 let _ = reply.send(Err(format!("not read: {reason}")));
                 Vec::new()
             }
-            Job::Probe { unit, reply } => {
+            Job::Probe { unit, reply, .. } => {
                 let failed = Err(TxError::Port(format!("not probed: {reason}")));
                 let _ = reply.send(Probe::new(unit, failed));
                 Vec::new()
@@ -278,8 +281,12 @@ impl Job {
                 let _ = reply.send(Ok(read_points(bus, &device).await));
                 Vec::new()
             }
-            Job::Probe { unit, reply } => {
-                let _ = reply.send(probe(bus, unit).await);
+            Job::Probe {
+                unit,
+                identify,
+                reply,
+            } => {
+                let _ = reply.send(probe(bus, unit, identify.as_deref()).await);
                 Vec::new()
             }
         }
@@ -287,11 +294,24 @@ impl Job {
 }
 
 /// One scan probe of `unit`: holding register 0, one attempt within the bus
-/// timeout.
-pub async fn probe(bus: &mut Bus, unit: UnitId) -> Probe {
-    let request = Request::ReadHolding(0, 1);
+/// timeout; then, if it answered and `identify` is given, each of the
+/// identifier's reads, one attempt each.
+pub async fn probe(bus: &mut Bus, unit: UnitId, identify: Option<&Identifier>) -> Probe {
     let limit = bus.config().timeout;
-    Probe::new(unit, bus.attempt(unit, &request, limit).await.outcome)
+    let request = Request::ReadHolding(0, 1);
+    let mut probe = Probe::new(unit, bus.attempt(unit, &request, limit).await.outcome);
+    if let (Some(identifier), true) = (identify, probe.answers()) {
+        let mut matches = Vec::new();
+        for (index, request) in identifier.requests().enumerate() {
+            if let Ok(Reply::Registers(registers)) =
+                bus.attempt(unit, &request, limit).await.outcome
+            {
+                matches.extend(identifier.matches(index, &registers));
+            }
+        }
+        probe.matches = Some(matches);
+    }
+    probe
 }
 
 /// Reads every point of `device` once: each as read, or why not.

@@ -1,15 +1,18 @@
 //! A scan: which unit ids answer on a bus. Each probe is one read of
 //! holding register 0 without retries, run by the bus owner as a job (so a
 //! scan through the daemon shares the bus with polling); an exception reply
-//! also proves that a slave is there. `scan` on the command line and the
-//! local API tell the answers the same way.
+//! also proves that a slave is there. With `--identify`, each answering unit
+//! is then matched against the device profiles' `[identify]` reads, one
+//! read per distinct register for all the profiles that read it. `scan` on
+//! the command line and the local API tell the answers the same way.
 
 use std::ops::RangeInclusive;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::UnitId;
-use crate::modbus::{Reply, TxError};
+use crate::codec;
+use crate::config::{Address, Area, DeviceProfile, Identify, UnitId};
+use crate::modbus::{Reply, Request, TxError};
 
 /// Parses `A-B` (or a single id) within 1..247.
 pub fn parse_units(text: &str) -> Result<RangeInclusive<u8>, String> {
@@ -50,6 +53,9 @@ pub struct Probe {
     pub unit: u8,
     #[serde(flatten)]
     pub answer: Answer,
+    /// With identify: the profiles whose `[identify]` read matched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matches: Option<Vec<String>>,
 }
 
 impl Probe {
@@ -71,6 +77,7 @@ impl Probe {
         Self {
             unit: unit.get(),
             answer,
+            matches: None,
         }
     }
 
@@ -80,5 +87,75 @@ impl Probe {
             self.answer,
             Answer::Registers { .. } | Answer::Exception { .. }
         )
+    }
+}
+
+/// The profiles' `[identify]` reads, grouped by the registers they read.
+#[derive(Debug, Clone, Default)]
+pub struct Identifier {
+    groups: Vec<Group>,
+}
+
+/// One read, and the profiles that decode it.
+#[derive(Debug, Clone)]
+struct Group {
+    area: Area,
+    address: Address,
+    count: u16,
+    candidates: Vec<(String, Identify)>,
+}
+
+impl Identifier {
+    pub fn new(profiles: &[DeviceProfile]) -> Self {
+        let mut groups: Vec<Group> = Vec::new();
+        for profile in profiles {
+            let Some(identify) = &profile.identify else {
+                continue;
+            };
+            let p = &identify.point;
+            let count = p.kind.width();
+            let candidate = (profile.name.clone(), identify.clone());
+            match groups
+                .iter_mut()
+                .find(|g| (g.area, g.address, g.count) == (p.area, p.address, count))
+            {
+                Some(group) => group.candidates.push(candidate),
+                None => groups.push(Group {
+                    area: p.area,
+                    address: p.address,
+                    count,
+                    candidates: vec![candidate],
+                }),
+            }
+        }
+        Self { groups }
+    }
+
+    /// The reads to make of each answering unit.
+    pub fn requests(&self) -> impl Iterator<Item = Request> + '_ {
+        self.groups.iter().map(|g| match g.area {
+            Area::Input => Request::ReadInput(g.address, g.count),
+            _ => Request::ReadHolding(g.address, g.count),
+        })
+    }
+
+    /// The profiles matched by the answer to the `index`th request.
+    pub fn matches(&self, index: usize, registers: &[u16]) -> Vec<String> {
+        let Some(group) = self.groups.get(index) else {
+            return Vec::new();
+        };
+        if registers.len() != usize::from(group.count) {
+            return Vec::new();
+        }
+        group
+            .candidates
+            .iter()
+            .filter(|(_, identify)| {
+                codec::decode_registers(&identify.point, registers)
+                    .as_f64()
+                    .is_some_and(|v| identify.matches(v))
+            })
+            .map(|(name, _)| name.clone())
+            .collect()
     }
 }

@@ -15,6 +15,11 @@ use serde_json::Value;
 
 pub use fieldgate::sim::{Pty, Slaves};
 
+/// A free loopback TCP port.
+pub fn free_port() -> u16 {
+    fieldgate::broker::free_port().expect("free port")
+}
+
 /// One message as the platform side saw it.
 #[derive(Debug, Clone)]
 pub struct Seen {
