@@ -48,6 +48,11 @@ id -nG fieldgate | tr ' ' '\n' | grep -qx dialout || fail "fieldgate is not in d
 [ "$(stat -c '%a' /usr/bin/fieldgate)" = "755" ] || fail "binary mode"
 /usr/bin/fieldgate --version
 /usr/bin/fieldgate --config /etc/fieldgate/fieldgate.toml check >/dev/null
+for profile in config/profiles/*.toml; do
+    cmp -s "$profile" "/usr/share/fieldgate/profiles/$(basename "$profile")" || fail "$profile is not installed in /usr/share/fieldgate/profiles"
+done
+listed=$(/usr/bin/fieldgate --config /etc/fieldgate/fieldgate.toml profiles)
+grep -q '^eastron-sdm630 .* /usr/share/fieldgate/profiles ' <<<"$listed" || fail "profiles does not list the installed library: $listed"
 set +e
 sim_out=$(/usr/bin/fieldgate --config /etc/fieldgate/fieldgate.toml simulate 2>&1); sim_rc=$?
 set -e

@@ -79,11 +79,14 @@ pub fn report(config: &Config, source: &str) -> (String, usize) {
             let schedule = plan::schedule(device, bus);
             let requests: usize = schedule.iter().map(|i| i.blocks.len()).sum();
             let single = schedule.len() == 1;
+            let unit = match &device.profile {
+                Some(profile) => format!("{}, profile {}", device.unit, profile.name),
+                None => device.unit.to_string(),
+            };
             if !single {
                 out += &format!(
-                    "  device {} (unit {}): {} in {} at {} intervals\n",
+                    "  device {} (unit {unit}): {} in {} at {} intervals\n",
                     device.name,
-                    device.unit,
                     count(device.points.len(), "point"),
                     count(requests, "request"),
                     schedule.len()
@@ -106,9 +109,8 @@ pub fn report(config: &Config, source: &str) -> (String, usize) {
                 let points: usize = interval.blocks.iter().map(|b| b.points.len()).sum();
                 out += &if single {
                     format!(
-                        "  device {} (unit {}, every {}): {} in {}{cost}\n",
+                        "  device {} (unit {unit}, every {}): {} in {}{cost}\n",
                         device.name,
-                        device.unit,
                         human(every),
                         count(points, "point"),
                         count(interval.blocks.len(), "request"),

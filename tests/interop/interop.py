@@ -337,6 +337,7 @@ key = "pump-001"
     downlink(work, base, profiles["thingscloud"])
     tcp_reach(work, profiles["thingscloud"])
     local_api(work, base, profiles["thingscloud"])
+    device_profiles(work)
     print(f"{RESULTS['passed']} passed, {RESULTS['failed']} failed")
     return 1 if RESULTS["failed"] else 0
 
@@ -588,6 +589,105 @@ def local_api(work, base, platform_toml):
     finally:
         stop(gateway)
         platform.stop()
+
+
+def device_profiles(work):
+    """Shipped profiles against pymodbus (Modbus TCP) serving values packed
+    here with struct at the addresses of the makers' documents: `read`
+    decodes them, and `scan --identify` names the models."""
+    port = free_port()
+
+    def block(area, start, values, count):
+        regs = [0] * count
+        for address, value in values.items():
+            regs[address - start:address - start + len(value)] = value
+        kind = DataType.REGISTERS
+        return SimData(address=start, values=regs, datatype=kind)
+
+    f32 = lambda v: words(">f", v)
+    # Eastron SDM630: FC04 floats, 30001 V L1, 30053 total W, 30071 Hz, 30343 total kWh.
+    sdm630 = {0x00: f32(230.2), 0x02: f32(231.0), 0x04: f32(229.5), 0x34: f32(4321.5),
+              0x46: f32(50.02), 0x156: f32(12400.5)}
+    # Peacefair PZEM-016: FC04 u16 0.1 V; current and energy 32 bits low word first.
+    pzem = {0x00: [2302], 0x01: ordered(words(">I", 71_234), "CDAB"), 0x05: ordered(words(">I", 123_456), "CDAB"),
+            0x07: [500]}
+    # CHINT DTSU666: FC03 floats in 0.1 V at 2006H, 0.1 W at 2012H.
+    dtsu = {0x2006: f32(2302.0), 0x2012: f32(84210.0)}
+    zero = lambda: [SimData(address=60000, values=[0], datatype=DataType.BITS)]
+    devices = [
+        SimDevice(id=1, simdata=(zero(), zero(), [block("holding", 0, {}, 2)], [block("input", 0, sdm630, 0x160)])),
+        SimDevice(id=2, simdata=(zero(), zero(), [block("holding", 0, {}, 4)], [block("input", 0, pzem, 10)])),
+        SimDevice(id=3, simdata=(zero(), zero(), [block("holding", 0, {}, 2), block("holding", 0x2000, dtsu, 0x46)],
+                                 [SimData(address=60000, values=[0], datatype=DataType.REGISTERS)])),
+    ]
+
+    async def server():
+        await ModbusTcpServer(devices, framer=FramerType.SOCKET, address=("127.0.0.1", port)).serve_forever()
+
+    threading.Thread(target=lambda: asyncio.run(server()), daemon=True).start()
+    time.sleep(0.5)
+    config = f"{work}/profiles.toml"
+    with open(config, "w") as f:
+        f.write(f"""
+[gateway]
+id = "interop-profiles"
+data_dir = "{work}/profiles-data"
+
+[[bus]]
+name = "plc"
+transport = "tcp"
+address = "127.0.0.1:{port}"
+
+[[device]]
+name = "main"
+bus = "plc"
+unit = 1
+profile = "eastron-sdm630"
+points = ["voltage_l1", "voltage_l3", "power_total", "frequency", "energy_total"]
+
+[[device]]
+name = "socket"
+bus = "plc"
+unit = 2
+key = "socket"
+profile = "peacefair-pzem016"
+points = ["voltage_l1", "current_l1", "energy_total", "frequency"]
+
+[[device]]
+name = "board"
+bus = "plc"
+unit = 3
+key = "board"
+profile = "chint-dtsu666"
+points = ["voltage_l1", "power_total"]
+""")
+    expected = {
+        "main": {"voltage_l1": 230.2, "voltage_l3": 229.5, "power_total": 4321.5, "frequency": 50.02,
+                 "energy_total": 12400.5},
+        "socket": {"voltage_l1": 230.2, "current_l1": 71.234, "energy_total": 123.456, "frequency": 50.0},
+        "board": {"voltage_l1": 230.2, "power_total": 8421.0},
+    }
+    for device, want in expected.items():
+        out = subprocess.run([FIELDGATE, "--config", config, "read", device], capture_output=True, text=True, timeout=30)
+        check(f"profiles: read {device} exits 0", out.returncode == 0, out.stdout + out.stderr)
+        got = {}
+        for line in out.stdout.splitlines()[2:]:
+            cells = line.split()  # name, raw words, value, unit (every point here has one)
+            if len(cells) >= 4:
+                try:
+                    got[cells[0]] = float(cells[-2])
+                except ValueError:
+                    pass
+        for point, value in want.items():
+            check(f"profiles: {device} {point} = {value}", point in got and close_enough(got[point], value),
+                  out.stdout)
+    out = subprocess.run([FIELDGATE, "--config", config, "scan", "plc", "--units", "1-4", "--identify"],
+                         capture_output=True, text=True, timeout=60)
+    lines = {l.split(":")[0]: l for l in out.stdout.splitlines() if l.startswith("unit ")}
+    check("profiles: identify names the SDM630", "eastron-sdm630" in lines.get("unit 1", ""), out.stdout)
+    check("profiles: identify names the PZEM-016", "peacefair-pzem016" in lines.get("unit 2", ""), out.stdout)
+    check("profiles: identify names the DTSU666 alone",
+          "chint-dtsu666" in lines.get("unit 3", "") and "eastron" not in lines.get("unit 3", ""), out.stdout)
 
 
 def mqtt_port_of(platform_toml):
