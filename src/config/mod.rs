@@ -466,6 +466,16 @@ type = "u16"
             dir.path().join("xy-md02.toml")
         );
 
+        // A site's terse profile: points only.
+        let terse = "[[point]]\nname = \"t\"\narea = \"input\"\naddress = 3\ntype = \"u16\"\n";
+        std::fs::write(dir.path().join("acme.toml"), terse).unwrap();
+        let c = parse(
+            Path::new("t.toml"),
+            &with_profile(Some(dir.path()), "profile = \"acme\""),
+        )
+        .unwrap();
+        assert_eq!(c.devices[0].profile.as_ref().unwrap().name, "acme");
+
         let broken = own.replace("type = \"i16\"", "type = \"i16\"\nwritable = true");
         std::fs::write(dir.path().join("xy-md02.toml"), &broken).unwrap();
         let text = with_profile(Some(dir.path()), "profile = \"xy-md02\"");
@@ -484,8 +494,7 @@ type = "u16"
 
         for (bad, expect) in [
             (own.replace("name = \"xy-md02\"", "name = \"other\""), "file name"),
-            (own.replace("source = \"s\"", "source = \" \""), "source"),
-            (own.replace("vendor = \"v\"\n", ""), "missing field `vendor`"),
+            (own.replace("\n[[point]]", "\nbaud = 1\n[[point]]"), "baud must be"),
             (format!("{own}\n[identify]\narea = \"input\"\naddress = 7\ntype = \"i16\"\nrange = [5.0, 1.0]\n"), "low <= high"),
             (format!("{own}\n[identify]\narea = \"coil\"\naddress = 7\ntype = \"bool\"\nrange = [1.0, 1.0]\n"), "reads a number"),
             (own.replace("[[point]]", "[[points]]"), "unknown field"),

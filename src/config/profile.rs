@@ -174,7 +174,17 @@ mod tests {
         for (name, text) in BUILT_IN {
             let on_disk = std::fs::read_to_string(dir.join(format!("{name}.toml"))).unwrap();
             assert_eq!(&on_disk, text);
-            parse(&built_in_path(name), text, name).unwrap_or_else(|e| panic!("{e}"));
+            let profile = parse(&built_in_path(name), text, name).unwrap_or_else(|e| panic!("{e}"));
+            for (field, value) in [
+                ("vendor", &profile.vendor),
+                ("model", &profile.model),
+                ("description", &profile.description),
+                ("source", &profile.source),
+            ] {
+                assert!(!value.trim().is_empty(), "{name}: no {field}");
+            }
+            assert!(profile.identify.is_some(), "{name}: no [identify]");
+            assert!(profile.baud.is_some(), "{name}: no factory baud");
         }
     }
 }

@@ -1500,20 +1500,22 @@ fn convert_alarm(raw: &Spanned<RawAlarm>, kind: Kind) -> Result<Alarm> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawProfileFile {
-    profile: Spanned<RawProfileHeader>,
+    profile: Option<Spanned<RawProfileHeader>>,
     #[serde(default, rename = "point")]
     points: Vec<Spanned<RawPoint>>,
     identify: Option<Spanned<RawIdentify>>,
 }
 
-#[derive(Deserialize)]
+/// Only the points are required: a site's own profile may be terse (the
+/// shipped library is held to naming its vendor, model and source by a test).
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawProfileHeader {
-    name: Spanned<String>,
-    vendor: Spanned<String>,
-    model: Spanned<String>,
+    name: Option<Spanned<String>>,
+    vendor: Option<Spanned<String>>,
+    model: Option<Spanned<String>>,
     description: Option<String>,
-    source: Spanned<String>,
+    source: Option<Spanned<String>>,
     baud: Option<Spanned<u32>>,
     parity: Option<RawParity>,
 }
@@ -1534,27 +1536,20 @@ struct RawIdentify {
 impl RawProfileFile {
     /// The profile found at `path`; its name must be the file's (`stem`).
     pub(super) fn into_profile(self, stem: &str, path: PathBuf) -> Result<DeviceProfile> {
-        let span = self.profile.span();
-        let header = self.profile.into_inner();
-        let name = check_name(&header.name, "profile name")?;
-        if name != stem {
-            return violation(
-                header.name.span(),
-                format!("the profile's name must be its file name without .toml ({stem:?})"),
-            );
-        }
-        for (field, what) in [
-            (&header.vendor, "vendor"),
-            (&header.model, "model"),
-            (
-                &header.source,
-                "source (the maker's document and its version)",
-            ),
-        ] {
-            if field.get_ref().trim().is_empty() {
-                return violation(field.span(), format!("{what} must not be empty"));
+        let (span, header) = match self.profile {
+            Some(header) => (header.span(), header.into_inner()),
+            None => (0..0, RawProfileHeader::default()),
+        };
+        if let Some(name) = &header.name {
+            if name.get_ref() != stem {
+                return violation(
+                    name.span(),
+                    format!("the profile's name must be its file name without .toml ({stem:?})"),
+                );
             }
         }
+        let text =
+            |field: Option<Spanned<String>>| field.map(Spanned::into_inner).unwrap_or_default();
         if let Some(baud) = &header.baud {
             if !(300..=4_000_000).contains(baud.get_ref()) {
                 return violation(baud.span(), "baud must be 300..4000000");
@@ -1570,11 +1565,11 @@ impl RawProfileFile {
             points.push(convert_point(p)?);
         }
         Ok(DeviceProfile {
-            name,
-            vendor: header.vendor.into_inner(),
-            model: header.model.into_inner(),
+            name: stem.to_string(),
+            vendor: text(header.vendor),
+            model: text(header.model),
             description: header.description.unwrap_or_default(),
-            source: header.source.into_inner(),
+            source: text(header.source),
             baud: header.baud.map(Spanned::into_inner),
             parity: header.parity.map(convert_parity),
             points,
