@@ -165,13 +165,12 @@ async fn alarms_need_their_duration_and_clear_by_the_hysteresis() {
         .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_point_with_its_own_poll_is_read_at_its_own_interval() {
-    let slaves = Slaves::new();
-    set(&slaves, 0, 11);
-    set(&slaves, 100, 22);
+/// A meter with `fast` at holding 0 (every 200 ms) and `slow` at holding
+/// `slow_at` (every second).
+async fn fast_and_slow(slaves: &Slaves, slow_at: u16) -> Rig {
+    let slow = format!("area = \"holding\"\naddress = {slow_at}\ntype = \"u16\"\npoll = \"1s\"");
     let rig = Rig::start(
-        &slaves,
+        slaves,
         "",
         &device(
             "meter",
@@ -180,21 +179,32 @@ async fn a_point_with_its_own_poll_is_read_at_its_own_interval() {
             "",
             &[
                 ("fast", "area = \"holding\"\naddress = 0\ntype = \"u16\""),
-                (
-                    "slow",
-                    "area = \"holding\"\naddress = 100\ntype = \"u16\"\npoll = \"1s\"",
-                ),
+                ("slow", &slow),
             ],
         ),
     )
     .await;
     rig.wait_for("attributes", 1, Duration::from_secs(10)).await;
+    rig
+}
+
+/// The requests the slaves receive in the next 3 s.
+async fn spans_in_3s(slaves: &Slaves) -> Vec<(Area, u16, u16)> {
     let start = slaves.received().len();
     tokio::time::sleep(Duration::from_millis(3000)).await;
-    let reads: Vec<u16> = slaves.received()[start..]
+    slaves.received()[start..]
         .iter()
-        .map(|r| r.request.span().1)
-        .collect();
+        .map(|r| r.request.span())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_point_with_its_own_poll_is_read_at_its_own_interval() {
+    let slaves = Slaves::new();
+    set(&slaves, 0, 11);
+    set(&slaves, 100, 22);
+    let rig = fast_and_slow(&slaves, 100).await;
+    let reads: Vec<u16> = spans_in_3s(&slaves).await.iter().map(|s| s.1).collect();
     let (fast, slow) = (
         reads.iter().filter(|a| **a == 0).count(),
         reads.iter().filter(|a| **a == 100).count(),
@@ -225,4 +235,61 @@ async fn a_point_with_its_own_poll_is_read_at_its_own_interval() {
         "{out}"
     );
     assert!(out.contains("every 1.00 s: 1 point in 1 request"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn points_due_together_share_a_request() {
+    let slaves = Slaves::new();
+    set(&slaves, 0, 11);
+    set(&slaves, 1, 22);
+    let rig = fast_and_slow(&slaves, 1).await;
+    let spans = spans_in_3s(&slaves).await;
+    // When both are due, one read covers both registers; otherwise the
+    // fast point is read alone. The slow register is never read by itself.
+    let together = spans
+        .iter()
+        .filter(|s| **s == (Area::Holding, 0, 2))
+        .count();
+    let alone = spans
+        .iter()
+        .filter(|s| **s == (Area::Holding, 0, 1))
+        .count();
+    assert!((2..=4).contains(&together), "{spans:?}");
+    assert!((9..=15).contains(&alone), "{spans:?}");
+    assert_eq!(together + alone, spans.len(), "{spans:?}");
+    let reports = payloads(&rig.platform.all(), "attributes");
+    assert!(
+        reports.contains(&json!({"fast": 11, "slow": 22})),
+        "{reports:?}"
+    );
+}
+
+/// A slave that refuses the joined read (the slow register raises an
+/// exception) gets each block on its own from then on: the fast point is
+/// not lost whenever the slow one is due.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_joined_read_falls_back_to_separate_requests() {
+    let slaves = Slaves::new();
+    set(&slaves, 0, 11);
+    slaves.unit(1, |u| {
+        u.exceptions.push((
+            Area::Holding,
+            1..=1,
+            tokio_modbus::ExceptionCode::IllegalDataAddress,
+        ))
+    });
+    let rig = fast_and_slow(&slaves, 1).await;
+    let spans = spans_in_3s(&slaves).await;
+    assert!(!spans.contains(&(Area::Holding, 0, 2)), "{spans:?}");
+    assert!(spans.contains(&(Area::Holding, 1, 1)), "{spans:?}");
+    let fast = spans
+        .iter()
+        .filter(|s| **s == (Area::Holding, 0, 1))
+        .count();
+    assert!((12..=17).contains(&fast), "{spans:?}");
+    assert!(
+        !rig.gw.log_lines("reading each block on its own").is_empty(),
+        "{}",
+        rig.gw.log()
+    );
 }

@@ -26,6 +26,9 @@ pub(super) struct DeviceState {
     block_interval: Vec<usize>,
     /// Each poll interval and when it is next due.
     intervals: Vec<(Duration, Instant)>,
+    /// Whether adjoining blocks due together are read as one request;
+    /// off once the slave refused such a request.
+    join: bool,
     /// The earliest of `intervals`.
     pub(super) next_due: Instant,
     /// Consecutive polls in which no block could be read.
@@ -63,6 +66,7 @@ impl DeviceState {
             blocks,
             block_interval,
             intervals,
+            join: true,
             next_due: start,
             failures: 0,
             offline: None,
@@ -73,7 +77,8 @@ impl DeviceState {
         }
     }
 
-    /// What a poll starting `now` reads: the blocks of the intervals due.
+    /// What a poll starting `now` reads: the blocks of the intervals due,
+    /// adjoining ones joined into one request.
     pub(super) fn due(&self, now: Instant) -> Due {
         let intervals: Vec<usize> = (0..self.intervals.len())
             .filter(|&i| self.intervals[i].1 <= now)
@@ -85,10 +90,16 @@ impl DeviceState {
                     .is_some_and(|i| intervals.contains(i))
             })
             .collect();
-        let blocks: Vec<Block> = index
-            .iter()
-            .filter_map(|&b| self.blocks.get(b).cloned())
-            .collect();
+        let (parts, blocks): (Vec<Vec<usize>>, Vec<Block>) = if self.join {
+            plan::join_adjoining(&self.blocks, &index)
+                .into_iter()
+                .unzip()
+        } else {
+            index
+                .iter()
+                .filter_map(|&b| Some((vec![b], self.blocks.get(b)?.clone())))
+                .unzip()
+        };
         let mut points = vec![false; self.device.points.len()];
         for &p in blocks.iter().flat_map(|b| &b.points) {
             if let Some(slot) = points.get_mut(p) {
@@ -96,7 +107,7 @@ impl DeviceState {
             }
         }
         Due {
-            index,
+            parts,
             blocks,
             points,
             intervals,
@@ -179,7 +190,13 @@ impl DeviceState {
             events.extend(self.presence(true));
         }
         self.failures = 0;
-        for (&b, reply) in due.index.iter().zip(&result.replies) {
+        // A request's outcome is that of each block it read.
+        let outcomes = due
+            .parts
+            .iter()
+            .zip(&result.replies)
+            .flat_map(|(parts, reply)| parts.iter().map(move |&b| (b, reply)));
+        for (b, reply) in outcomes {
             let err = reply.as_ref().err();
             let state = err.map(|e| e.kind().to_string());
             if self.block_state.get(b) != Some(&state) {
@@ -243,18 +260,34 @@ impl DeviceState {
         })
     }
 
-    /// A slave that rejects a bridged read with "illegal data address"
-    /// probably has unmapped registers in the gap: from now on that block is
-    /// read as gapless pieces. Other errors leave the plan alone.
+    /// A slave that refuses a request joining blocks due together gets
+    /// each block on its own from then on. A slave that rejects a bridged
+    /// read with "illegal data address" probably has unmapped registers in
+    /// the gap: from now on that block is read as gapless pieces. Other
+    /// errors leave the plan alone.
     pub(super) fn replan(&mut self, result: &PollResult, due: &Due) {
+        let refused_join =
+            due.parts.iter().zip(&result.replies).any(|(parts, reply)| {
+                parts.len() > 1 && matches!(reply, Err(TxError::Exception(_)))
+            });
+        if refused_join && self.join {
+            self.join = false;
+            log::info!(
+                target: "poll",
+                "device {}: a request joining blocks due together was refused; reading each block on its own from now on",
+                self.device.name
+            );
+            // The blocks are judged on their own from the next poll.
+            return;
+        }
         let mut changed = false;
         let mut blocks = Vec::with_capacity(self.blocks.len());
         let mut block_interval = Vec::with_capacity(self.blocks.len());
         for (b, block) in self.blocks.iter().enumerate() {
             let reply = due
-                .index
+                .parts
                 .iter()
-                .position(|&d| d == b)
+                .position(|parts| parts.contains(&b))
                 .and_then(|at| result.replies.get(at));
             let split = match reply {
                 Some(Err(TxError::Exception(ExceptionCode::IllegalDataAddress))) => {
@@ -348,9 +381,9 @@ impl DeviceState {
 
 /// What one poll reads.
 pub(super) struct Due {
-    /// Indices of the blocks read (into the device's blocks).
-    index: Vec<usize>,
-    /// Those blocks, in that order (the replies follow it).
+    /// Per request, the device's blocks it reads (indices).
+    parts: Vec<Vec<usize>>,
+    /// The requests, as blocks (the replies follow their order).
     pub(super) blocks: Vec<Block>,
     /// By point index: whether the poll reads it.
     points: Vec<bool>,

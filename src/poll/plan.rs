@@ -54,6 +54,34 @@ pub fn plan(points: &[Point], bus: &config::Bus) -> Vec<Block> {
     plan_of(points, (0..points.len()).collect(), bus)
 }
 
+/// The blocks one poll reads (indices into `blocks`), as requests: blocks
+/// of the same area that adjoin (the points of several intervals due
+/// together) become one request while it stays within the protocol's
+/// limit. Only adjoining blocks are joined, so no request reads a register
+/// that a single block did not: a slave that refuses unmapped gaps is not
+/// asked for one. Each request comes with the blocks it covers.
+pub fn join_adjoining(blocks: &[Block], due: &[usize]) -> Vec<(Vec<usize>, Block)> {
+    let mut order: Vec<usize> = due.iter().copied().filter(|&b| b < blocks.len()).collect();
+    order.sort_by_key(|&b| (blocks[b].area.as_str(), blocks[b].start));
+    let mut out: Vec<(Vec<usize>, Block)> = Vec::new();
+    for b in order {
+        let block = &blocks[b];
+        if let Some((parts, joined)) = out.last_mut() {
+            let adjoins = joined.area == block.area && joined.end() == u32::from(block.start);
+            let fits = u32::from(joined.count) + u32::from(block.count)
+                <= u32::from(block.area.max_per_read());
+            if adjoins && fits {
+                joined.count += block.count;
+                joined.points.extend(&block.points);
+                parts.push(b);
+                continue;
+            }
+        }
+        out.push((vec![b], block.clone()));
+    }
+    out
+}
+
 /// Points of one poll interval and the blocks that read them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Interval {
@@ -340,5 +368,38 @@ mod tests {
             got.abs_diff(expect) < Duration::from_micros(2),
             "{got:?} vs {expect:?}"
         );
+    }
+
+    #[test]
+    fn only_adjoining_blocks_of_one_area_within_the_limit_are_joined() {
+        let block = |area, start, count, points: &[usize]| Block {
+            area,
+            start,
+            count,
+            points: points.to_vec(),
+        };
+        let blocks = vec![
+            block(Area::Holding, 10, 2, &[2]),
+            block(Area::Holding, 0, 10, &[0, 1]),
+            block(Area::Input, 12, 1, &[3]),
+            block(Area::Holding, 13, 1, &[4]),
+            block(Area::Holding, 100, 100, &[5]),
+            block(Area::Holding, 200, 26, &[6]),
+        ];
+        let joined = join_adjoining(&blocks, &[0, 1, 2, 3, 4, 5]);
+        assert_eq!(
+            joined,
+            [
+                // 0..10 and 10..12 adjoin; 13 is past a gap; 100..200 and
+                // 200..226 adjoin but would be 126 registers.
+                (vec![1, 0], block(Area::Holding, 0, 12, &[0, 1, 2])),
+                (vec![3], block(Area::Holding, 13, 1, &[4])),
+                (vec![4], block(Area::Holding, 100, 100, &[5])),
+                (vec![5], block(Area::Holding, 200, 26, &[6])),
+                (vec![2], block(Area::Input, 12, 1, &[3])),
+            ]
+        );
+        // Only the blocks due take part.
+        assert_eq!(join_adjoining(&blocks, &[0]).len(), 1);
     }
 }
