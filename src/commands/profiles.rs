@@ -55,8 +55,15 @@ pub fn run(config_path: &Path, name: Option<&str>) -> anyhow::Result<()> {
                 "`fieldgate profiles NAME` shows one; searched {}",
                 library.describe()
             );
-            match broken.into_iter().filter_map(Result::err).next() {
-                Some(e) => Err(e.into()),
+            // Every broken file is named; the first is the error.
+            let mut errors = broken.into_iter().filter_map(Result::err);
+            match errors.next() {
+                Some(first) => {
+                    for e in errors {
+                        eprintln!("error: {e}");
+                    }
+                    Err(first.into())
+                }
                 None => Ok(()),
             }
         }

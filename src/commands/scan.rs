@@ -36,7 +36,11 @@ pub async fn run(
         Library::new(config.gateway.profile_dir.as_deref())
             .all()
             .into_iter()
-            .filter_map(Result::ok)
+            .filter_map(|profile| {
+                profile
+                    .map_err(|e| eprintln!("warning: left out of identify: {e}"))
+                    .ok()
+            })
             .collect()
     } else {
         Vec::new()

@@ -62,7 +62,18 @@ pub fn plan(points: &[Point], bus: &config::Bus) -> Vec<Block> {
 /// asked for one. Each request comes with the blocks it covers.
 pub fn join_adjoining(blocks: &[Block], due: &[usize]) -> Vec<(Vec<usize>, Block)> {
     let mut order: Vec<usize> = due.iter().copied().filter(|&b| b < blocks.len()).collect();
-    order.sort_by_key(|&b| (blocks[b].area.as_str(), blocks[b].start));
+    // Areas in the order the plan first reads them, addresses ascending
+    // within each: the requests keep the plan's order.
+    let mut areas: Vec<Area> = Vec::new();
+    for &b in &order {
+        if !areas.contains(&blocks[b].area) {
+            areas.push(blocks[b].area);
+        }
+    }
+    order.sort_by_key(|&b| {
+        let rank = areas.iter().position(|&a| a == blocks[b].area);
+        (rank, blocks[b].start)
+    });
     let mut out: Vec<(Vec<usize>, Block)> = Vec::new();
     for b in order {
         let block = &blocks[b];
@@ -396,6 +407,7 @@ mod tests {
                 (vec![3], block(Area::Holding, 13, 1, &[4])),
                 (vec![4], block(Area::Holding, 100, 100, &[5])),
                 (vec![5], block(Area::Holding, 200, 26, &[6])),
+                // Areas stay in the plan's order.
                 (vec![2], block(Area::Input, 12, 1, &[3])),
             ]
         );
