@@ -134,6 +134,29 @@ fn wait_for_line(
     None
 }
 
+/// Starts `fieldgate simulate` on the config at `path` and returns it with
+/// the address it prints for `bus` (a pty path, or host:port); the rest of
+/// its output is drained.
+fn simulate(path: &str, bus: &str) -> (Running, String) {
+    let mut sim = Running(
+        fieldgate()
+            .args(["--config", path, "simulate"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(sim.0.stdout.take().unwrap()).lines();
+    let prefix = format!("bus {bus}: ");
+    let line = wait_for_line(&mut lines, Duration::from_secs(5), |l| {
+        l.starts_with(&prefix)
+    })
+    .unwrap_or_else(|| panic!("simulate prints the address of bus {bus}"));
+    std::thread::spawn(move || lines.for_each(drop));
+    let addr = line.split_whitespace().nth(2).unwrap().to_string();
+    (sim, addr)
+}
+
 #[test]
 fn demo_shows_platform_messages_within_5_seconds() {
     let start = Instant::now();
@@ -166,20 +189,7 @@ fn demo_shows_platform_messages_within_5_seconds() {
 #[test]
 fn simulate_then_read_and_scan_through_the_binary() {
     let example = repo("config/fieldgate.toml");
-    let mut sim = Running(
-        fieldgate()
-            .args(["--config", &example, "simulate"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let mut lines = BufReader::new(sim.0.stdout.take().unwrap()).lines();
-    let line = wait_for_line(&mut lines, Duration::from_secs(5), |l| {
-        l.starts_with("bus rs485-1: ")
-    })
-    .expect("simulate prints its pty");
-    let pty = line.split_whitespace().nth(2).unwrap().to_string();
+    let (_sim, pty) = simulate(&example, "rs485-1");
 
     let config = std::fs::read_to_string(&example)
         .unwrap()
@@ -531,20 +541,7 @@ fn simulate_then_scan_and_read_over_tcp_and_a_dial_in_bus() {
     let path = dir.path().join("tcp.toml");
     std::fs::write(&path, config("127.0.0.1:1")).unwrap();
     let path = path.to_str().unwrap().to_string();
-    let mut sim = Running(
-        fieldgate()
-            .args(["--config", &path, "simulate"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let mut lines = BufReader::new(sim.0.stdout.take().unwrap()).lines();
-    let line = wait_for_line(&mut lines, Duration::from_secs(5), |l| {
-        l.starts_with("bus plc: ")
-    })
-    .expect("simulate prints the tcp bus's address");
-    let addr = line.split_whitespace().nth(2).unwrap().to_string();
+    let (_sim, addr) = simulate(&path, "plc");
     std::fs::write(&path, config(&addr)).unwrap();
 
     let scan = fieldgate()
@@ -586,20 +583,7 @@ fn simulate_serves_profile_devices_that_scan_identifies() {
     let path = dir.path().join("fieldgate.toml");
     std::fs::write(&path, config("/dev/ttyUSB0")).unwrap();
     let path = path.to_str().unwrap().to_string();
-    let mut sim = Running(
-        fieldgate()
-            .args(["--config", &path, "simulate"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let mut lines = BufReader::new(sim.0.stdout.take().unwrap()).lines();
-    let line = wait_for_line(&mut lines, Duration::from_secs(5), |l| {
-        l.starts_with("bus line: ")
-    })
-    .expect("simulate prints its pty");
-    let pty = line.split_whitespace().nth(2).unwrap().to_string();
+    let (_sim, pty) = simulate(&path, "line");
     std::fs::write(&path, config(&pty)).unwrap();
 
     let read = fieldgate()

@@ -308,11 +308,10 @@ async fn scan(
     let units = parse_units(&request.units).map_err(invalid)?;
     let identify = if request.identify {
         let library = app.live.profiles.clone();
-        let profiles = tokio::task::spawn_blocking(move || library.all())
+        let profiles = tokio::task::spawn_blocking(move || library.usable())
             .await
             .map_err(|e| Refusal(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-        let usable: Vec<_> = profiles.into_iter().filter_map(Result::ok).collect();
-        Some(Arc::new(Identifier::new(&usable)))
+        Some(Arc::new(Identifier::new(&profiles)))
     } else {
         None
     };

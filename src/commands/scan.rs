@@ -33,15 +33,7 @@ pub async fn run(
     // The profiles, for their names and line settings (the daemon reads the
     // same search path for its matching).
     let profiles: Vec<DeviceProfile> = if identify {
-        Library::new(config.gateway.profile_dir.as_deref())
-            .all()
-            .into_iter()
-            .filter_map(|profile| {
-                profile
-                    .map_err(|e| eprintln!("warning: left out of identify: {e}"))
-                    .ok()
-            })
-            .collect()
+        Library::new(config.gateway.profile_dir.as_deref()).usable()
     } else {
         Vec::new()
     };

@@ -131,6 +131,19 @@ impl Library {
             })
             .collect()
     }
+
+    /// The profiles that load; each broken one is logged and left out
+    /// (what `scan --identify` matches against).
+    pub fn usable(&self) -> Vec<DeviceProfile> {
+        self.all()
+            .into_iter()
+            .filter_map(|profile| {
+                profile
+                    .map_err(|e| log::warn!("profile left out: {e}"))
+                    .ok()
+            })
+            .collect()
+    }
 }
 
 /// Whether `text` can name a profile (and so a file in a directory).
