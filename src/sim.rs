@@ -247,6 +247,7 @@ impl Slaves {
     /// point: slow sines within a plausible range, toggling bits, counters.
     pub fn animate(&self, devices: &[&Device], t: f64) {
         for device in devices {
+            let identify = device.profile.as_ref().and_then(|p| p.identify.as_ref());
             self.unit(device.unit.get(), |unit| {
                 for (i, p) in device.points.iter().enumerate() {
                     let seen = match p.kind {
@@ -268,8 +269,6 @@ impl Slaves {
                             let value = if p.kind.is_bool() {
                                 Value::Bool(toggle)
                             } else {
-                                let identify =
-                                    device.profile.as_ref().and_then(|p| p.identify.as_ref());
                                 let (lo, hi) = synthetic_range(p, identify);
                                 let mid = (lo + hi) / 2.0;
                                 Value::Float(mid + (hi - lo) / 2.0 * (t / 30.0 + phase).sin())
@@ -284,7 +283,7 @@ impl Slaves {
                 }
                 // What `scan --identify` reads, in its range, unless a point
                 // of the device already serves those registers.
-                if let Some(identify) = device.profile.as_ref().and_then(|p| p.identify.as_ref()) {
+                if let Some(identify) = identify {
                     let p = &identify.point;
                     let served = device
                         .points
