@@ -26,6 +26,16 @@ async fn wait_log(gw: &Gateway, needle: &str) {
     }
 }
 
+/// Waits (up to 10 s) for one more report than there is now.
+async fn reports_go_on(rig: &Rig, what: &str) {
+    let before = rig.platform.on("attributes").len();
+    rig.platform
+        .wait_until(Duration::from_secs(10), what, |seen| {
+            payloads(seen, "attributes").len() > before
+        })
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_applies_a_valid_config_and_keeps_the_old_one_on_an_invalid_one() {
     let slaves = Slaves::new();
@@ -50,12 +60,7 @@ async fn sighup_applies_a_valid_config_and_keeps_the_old_one_on_an_invalid_one()
         line.contains("fieldgate.toml:27:8: invalid type"),
         "file:line:col: {line}"
     );
-    let before = rig.platform.on("attributes").len();
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    assert!(
-        rig.platform.on("attributes").len() > before,
-        "still polling the old config"
-    );
+    reports_go_on(&rig, "polling on the old config").await;
 
     // A valid edit: a second point appears, the MQTT session stays.
     let valid = config + "\n[[device.point]]\nname = \"b\"\n" + U16_AT_1 + "\n";
@@ -91,18 +96,30 @@ async fn sighup_applies_a_valid_config_and_keeps_the_old_one_on_an_invalid_one()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let before = rig.platform.on("attributes").len();
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    assert!(
-        rig.platform.on("attributes").len() > before,
-        "reporting after the reconnect"
-    );
+    reports_go_on(&rig, "reporting after the reconnect").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_exits_0_within_5_s_with_every_reading_on_disk() {
+    every_reading_on_disk_at_exit(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_loses_no_reading() {
+    every_reading_on_disk_at_exit(true).await;
+}
+
+/// Polls a read counter with the uplink down, reloads the config (if
+/// `reload`), stops with SIGTERM and compares the readings in the outbox
+/// with the reads the slave served. The slave takes 150 ms to answer, so
+/// each signal lands while a transaction is on the wire: that reading, which
+/// the slave already gave, must be kept too.
+async fn every_reading_on_disk_at_exit(reload: bool) {
     let slaves = Slaves::new();
-    slaves.unit(1, |u| u.read_counters.push((Area::Holding, 0)));
+    slaves.unit(1, |u| {
+        u.read_counters.push((Area::Holding, 0));
+        u.delay = Duration::from_millis(150);
+    });
     let pty = slaves.serve().unwrap();
     let relay = Relay::start(broker()).await;
     relay.down(); // nothing is delivered: every reading stays in the outbox
@@ -110,6 +127,11 @@ async fn sigterm_exits_0_within_5_s_with_every_reading_on_disk() {
         &(header(relay.port, &pty.path, "") + &device("counter", 1, "100ms", "", &[("n", U16)])),
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
+    if reload {
+        gw.signal(Signal::SIGHUP);
+        wait_log(&gw, "reloaded the config").await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
     let stopped = Instant::now();
     gw.signal(Signal::SIGTERM);
     let status = gw.wait_exit(Duration::from_secs(5));

@@ -26,6 +26,11 @@ const JOB_QUEUE: usize = 64;
 /// An idle bus owner still wakes this often, to renew its liveness promise.
 const IDLE_CHECK: Duration = Duration::from_secs(5);
 
+/// How long a stop waits for the transaction on the wire: its reply is a
+/// reading the slave already gave, and one left on the line would meet the
+/// next owner of the port.
+const STOP_GRACE: Duration = Duration::from_secs(1);
+
 /// Why a bus owner stops, as told in the outcome of every job it did not
 /// run: "the daemon is stopping", "the config was reloaded".
 pub type StopReason = &'static str;
@@ -170,7 +175,9 @@ impl BusTask {
     /// before each transaction, then reports. A point that a job wrote after
     /// this poll had read it is left out of the report: its value is older
     /// than the job's read-back, which is already on its way, and must not
-    /// follow it.
+    /// follow it. A stop starts no further transaction and reports what was
+    /// read by then, the transaction on the wire included if it ends within
+    /// [`STOP_GRACE`].
     async fn poll(&mut self, index: usize, stop: &mut watch::Receiver<Option<StopReason>>) {
         let taken = SystemTime::now();
         let Some(state) = self.devices.get(index) else {
@@ -180,7 +187,6 @@ impl BusTask {
         let due = state.due(Instant::now());
         let requests: Vec<_> = due.blocks.iter().map(plan::Block::request).collect();
         let mut replies = Vec::with_capacity(requests.len());
-        let mut cut = false;
         // Points written by jobs, with how many blocks had been read before.
         let mut overtaken: Vec<(String, usize)> = Vec::new();
         for request in &requests {
@@ -193,20 +199,16 @@ impl BusTask {
                 self.run_job(job).await;
             }
             if stop.borrow().is_some() {
-                cut = true;
                 break;
             }
             let reply = tokio::select! {
                 biased;
-                _ = stop.changed() => {
-                    cut = true;
-                    break;
-                }
                 reply = self.bus.transact(unit, request, timeout) => reply,
+                () = stopped_for(stop, STOP_GRACE) => break,
             };
             replies.push(reply);
         }
-        if !cut {
+        if !replies.is_empty() {
             if let Some(state) = self.devices.get_mut(index) {
                 let now = Instant::now();
                 let result = PollResult { replies };
@@ -243,6 +245,13 @@ impl BusTask {
                 }
             }
         }
+    }
+}
+
+/// Resolves `grace` after a stop was asked for.
+async fn stopped_for(stop: &mut watch::Receiver<Option<StopReason>>, grace: Duration) {
+    if stop.wait_for(Option::is_some).await.is_ok() {
+        tokio::time::sleep(grace).await;
     }
 }
 
