@@ -204,7 +204,7 @@ impl BusTask {
             let reply = tokio::select! {
                 biased;
                 reply = self.bus.transact(unit, request, timeout) => reply,
-                () = stopped_for(stop, STOP_GRACE) => break,
+                () = stop_grace_over(stop) => break,
             };
             replies.push(reply);
         }
@@ -248,10 +248,10 @@ impl BusTask {
     }
 }
 
-/// Resolves `grace` after a stop was asked for.
-async fn stopped_for(stop: &mut watch::Receiver<Option<StopReason>>, grace: Duration) {
+/// Resolves [`STOP_GRACE`] after a stop was asked for.
+async fn stop_grace_over(stop: &mut watch::Receiver<Option<StopReason>>) {
     if stop.wait_for(Option::is_some).await.is_ok() {
-        tokio::time::sleep(grace).await;
+        tokio::time::sleep(STOP_GRACE).await;
     }
 }
 
